@@ -1,0 +1,200 @@
+"""Reader API for a preprocess cache: open, check against a config, iterate in lockstep.
+
+    cache = open_cache("cache/", need_teacher=True)
+    check_cache(cache, Requirements(teacher_layers=(8, 9, 10, 11), num_tokens=256, ...))
+    stream = CacheStream(cache, with_teacher=True, batch_size=32, seed=0, rank=0, world_size=1)
+
+Order is exact and resumable: each epoch permutes shards with (seed, epoch), gives shard
+``order[slot::slots]`` to reader slot ``rank * workers + worker``, and visits the samples of a
+shard in a permutation seeded by (seed, epoch, shard). Members are read by offset (the tar
+headers are indexed once per shard), so resuming at any sample costs no replay, and a
+latents-only stream never touches a teacher byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
+from pipeline.groups import group_dir, read_index
+from pipeline.schema import (LATENTS, TEACHER, CacheFormatError, GroupManifest, TeacherSpec, decode_members,
+                             get_codec, read_manifest)
+
+log = logging.getLogger(__name__)
+
+
+class CacheMismatchError(ValueError):
+    """The cache cannot serve this config; the message names the fields that differ."""
+
+
+@dataclass(frozen=True)
+class Cache:
+    root: Path
+    latents: GroupManifest
+    teacher: GroupManifest | None
+
+    def shard_path(self, kind: str, index: int) -> Path:
+        m = self.latents if kind == LATENTS else self.teacher
+        assert m is not None
+        return group_dir(self.root, kind, m.key) / m.shards[index].name
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.latents.shards)
+
+    def teacher_logits(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decoded attention logits (N, L, H, T, T) fp32 from a batch's codec arrays, on their device."""
+        assert self.teacher is not None and isinstance(self.teacher.spec, TeacherSpec)
+        return get_codec(self.teacher.spec.codec).decode(arrays, self.teacher.spec.scale)
+
+
+def open_cache(root: str | Path, *, latents: str | None = None, teacher: str | None = None,
+               need_teacher: bool = True) -> Cache:
+    """Open the groups of a cache root; by default the newest (latents, teacher) pair in index.json.
+
+    With ``need_teacher=False`` the teacher group is neither opened nor required to exist.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CacheFormatError(f"cache not found: {root} (run `haste preprocess` first)")
+    runs = read_index(root).get("runs", [])
+    pick = next((r for r in reversed(runs) if latents in (None, r["latents"])
+                 and (not need_teacher or teacher in (None, r["teacher"]))), None)
+    lat_key = latents or (pick or {}).get("latents")
+    if lat_key is None:
+        raise CacheFormatError(f"{root}: no complete latents group recorded in index.json")
+    lat = read_manifest(group_dir(root, LATENTS, lat_key))
+    if not need_teacher:
+        return Cache(root, lat, None)
+    t_key = teacher or (pick or {}).get("teacher")
+    if t_key is None:
+        raise CacheMismatchError(f"{root}: no teacher group recorded for latents group {lat_key}; "
+                                 "preprocess with a teacher (teacher != none) or train without alignment")
+    t_dir = group_dir(root, TEACHER, t_key)
+    if not t_dir.is_dir():
+        raise CacheMismatchError(f"teacher group {t_dir} is missing: Phase I needs the teacher targets. "
+                                 "Re-run `haste preprocess` with the same config to rebuild them.")
+    tm = read_manifest(t_dir)
+    _check_aligned(lat, tm)
+    return Cache(root, lat, tm)
+
+
+def _check_aligned(lat: GroupManifest, tm: GroupManifest) -> None:
+    for field in ("listing_sha256", "count", "shard_size"):
+        if lat.source.get(field) != tm.source.get(field):
+            raise CacheMismatchError(f"latents group {lat.key} and teacher group {tm.key} come from different "
+                                     f"sources (source.{field}: {lat.source.get(field)} vs {tm.source.get(field)})")
+    if lat.settings.get("transform") != tm.settings.get("transform"):
+        raise CacheMismatchError(f"latents and teacher groups differ in transform: "
+                                 f"{lat.settings.get('transform')} vs {tm.settings.get('transform')}")
+    for a, b in zip(lat.shards, tm.shards):
+        if (a.count, a.first_key, a.last_key) != (b.count, b.first_key, b.last_key):
+            raise CacheMismatchError(f"shard {a.name} differs between the latents and teacher groups")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Requirements:
+    """What a training config needs from the cache (None = don't care)."""
+
+    latent_size: int | None = None
+    latent_channels: int | None = None
+    num_classes: int | None = None
+    teacher_layers: tuple[int, ...] = ()
+    teacher_heads: tuple[int, ...] = ()
+    num_tokens: int | None = None
+    feat_dim: int | None = None
+    need_features: bool = False
+    need_attention: bool = False
+
+
+def check_cache(cache: Cache, req: Requirements) -> None:
+    """Raise ``CacheMismatchError`` listing every field the cache cannot satisfy."""
+    problems = []
+    ls = cache.latents.spec
+    if req.latent_size is not None and ls.size != req.latent_size:
+        problems.append(f"latent size {ls.size} != model input_size {req.latent_size}")
+    if req.latent_channels is not None and ls.channels != req.latent_channels:
+        problems.append(f"latent channels {ls.channels} != model in_channels {req.latent_channels}")
+    n_cls = len(cache.latents.classes)
+    if req.num_classes is not None and n_cls > req.num_classes:
+        problems.append(f"cache has {n_cls} classes but the model has num_classes={req.num_classes}")
+    if req.need_features or req.need_attention:
+        ts = cache.teacher.spec if cache.teacher else None
+        if not isinstance(ts, TeacherSpec):
+            problems.append("alignment losses need a teacher group, but none is open")
+        else:
+            problems += _teacher_problems(ts, req)
+    if problems:
+        raise CacheMismatchError(f"cache {cache.root} does not fit the config: " + "; ".join(problems))
+
+
+def _teacher_problems(ts: TeacherSpec, req: Requirements) -> list[str]:
+    out = []
+    if req.num_tokens is not None and ts.num_tokens != req.num_tokens:
+        out.append(f"teacher has {ts.num_tokens} patch tokens ({ts.grid}x{ts.grid}) but the model has {req.num_tokens}")
+    if req.need_features and req.feat_dim is not None and ts.embed_dim != req.feat_dim:
+        out.append(f"teacher feature dim {ts.embed_dim} != projector z_dim {req.feat_dim}")
+    if req.need_attention:
+        if ts.codec == "none":
+            out.append("teacher group stores no attention (codec none) but attention alignment is on")
+        missing = sorted(set(req.teacher_layers) - set(ts.layers))
+        if missing:
+            out.append(f"teacher layers {missing} are not cached (cached: {list(ts.layers)})")
+        bad = [h for h in req.teacher_heads if not 0 <= h < ts.num_heads]
+        if bad:
+            out.append(f"teacher heads {bad} out of range (teacher has {ts.num_heads})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=64)
+def index_shard(path: Path) -> tuple[tuple[str, dict[str, tuple[int, int]]], ...]:
+    """(key, {ext: (offset, size)}) per sample, in file order, from the tar headers alone."""
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                parsed = base_plus_ext(m.name) if m.isfile() else None
+                if parsed is None or parsed[0] is None:
+                    continue
+                key, ext = parsed
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                samples[-1][1][ext] = (m.offset_data, m.size)
+    except FileNotFoundError:
+        raise CacheFormatError(f"shard missing: {path}") from None
+    except (tarfile.TarError, OSError) as e:
+        raise CacheFormatError(f"shard corrupt or truncated: {path} ({e})") from None
+    return tuple(samples)
+
+
+def read_sample(path: Path, entry: tuple[str, dict[str, tuple[int, int]]]) -> dict[str, bytes]:
+    out = {}
+    with open(path, "rb") as f:
+        for ext, (offset, size) in entry[1].items():
+            f.seek(offset)
+            data = f.read(size)
+            if len(data) != size:
+                raise CacheFormatError(f"shard truncated: {path} (member {entry[0]}.{ext})")
+            out[ext] = data
+    return out
+
+
+def shard_order(seed: int, epoch: int, num_shards: int) -> list[int]:
+    return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
+
+
+def sample_order(seed: int, epoch: int, shard: int, count: int, shuffle: bool = True) -> list[int]:
+    return np.random.default_rng([seed, epoch, shard]).permutation(count).tolist() if shuffle else list(range(count))

@@ -1,0 +1,162 @@
+"""DINOv2 teacher: pinned weights, forward hooks, and the targets HASTE/REPA align to.
+
+No edits to timm or torch.hub sources (the official code overwrites DINOv2 files in the hub
+cache, SPEC §3.3). A forward hook on ``blocks[l].attn.qkv`` sees the (N, T, 3·D) projection;
+q and k of the patch tokens give the pre-softmax logits ``scale · q kᵀ`` exactly, and the same
+``forward_features`` call yields the final-norm patch tokens that REPA aligns to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import weights
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEACHER = "timm/vit_base_patch14_dinov2.lvd142m"
+DEFAULT_ARCH = "vit_base_patch14_dinov2"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Random-init members of the DINOv2 family: full depth (layers 8-11 exist), small width.
+RANDOM_PRESETS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "tiny": {"embed_dim": 96, "num_heads": 12},
+}
+
+
+@dataclass
+class TeacherOut:
+    feat: torch.Tensor   # (N, T, D) final-norm patch tokens, fp32
+    q: torch.Tensor      # (N, L, H, T, hd) patch-token queries of the stored layers, fp32
+    k: torch.Tensor      # (N, L, H, T, hd) patch-token keys
+
+
+def teacher_input_size(resolution: int) -> int:
+    """224 at 256 px, 448 at 512 px (SPEC §3.2, Table 13): one 14-px patch per 16 image pixels."""
+    if resolution % 16:
+        raise ValueError(f"resolution {resolution} must be a multiple of 16 for a patch-14 teacher")
+    return resolution * 14 // 16
+
+
+def preprocess(images: torch.Tensor, input_size: int) -> torch.Tensor:
+    """uint8 (N, 3, R, R) -> normalized float (N, 3, S, S): /255, normalize, THEN bicubic resize.
+
+    The order matters and follows HASTE train.py L39-48 (normalize before resize, no antialias).
+    """
+    x = images.float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return F.interpolate(x, size=(input_size, input_size), mode="bicubic", align_corners=False)
+
+
+class Teacher:
+    """Wraps a timm DINOv2 ViT; ``__call__(uint8 images) -> TeacherOut`` for the given layers."""
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int], resolution: int):
+        self.model = model.eval().requires_grad_(False)
+        depth = len(model.blocks)
+        bad = [layer for layer in layers if not 0 <= layer < depth]
+        if bad:
+            raise ValueError(f"teacher layers {bad} out of range for a {depth}-block teacher")
+        self.layers = tuple(layers)
+        self.input_size = teacher_input_size(resolution)
+        attn = model.blocks[0].attn
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.scale = float(attn.scale)
+        self.embed_dim = model.embed_dim
+        self.num_prefix_tokens = model.num_prefix_tokens  # cls + registers, never assumed to be 1
+        patch = model.patch_embed.patch_size[0]
+        if self.input_size % patch:
+            raise ValueError(f"teacher input {self.input_size} is not a multiple of the patch size {patch}")
+        self.grid = self.input_size // patch
+        self._qkv: dict[int, torch.Tensor] = {}
+        for layer in self.layers:
+            model.blocks[layer].attn.qkv.register_forward_hook(self._hook(layer))
+
+    def _hook(self, layer: int):
+        def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            self._qkv[layer] = output
+        return hook
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, precision: str = "fp32") -> TeacherOut:
+        from pipeline.vae import autocast
+
+        x = preprocess(images.to(self.device), self.input_size)
+        self._qkv.clear()
+        with autocast(x.device, precision):
+            tokens = self.model.forward_features(x)              # (N, P + T, D), final norm applied
+        p = self.num_prefix_tokens
+        qs, ks = [], []
+        for layer in self.layers:
+            attn = self.model.blocks[layer].attn
+            n, t, _ = self._qkv[layer].shape
+            qkv = self._qkv[layer].float().reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])     # identity for DINOv2; kept for generality
+            qs.append(q[:, :, p:])                              # (N, H, T, hd): prefix tokens dropped
+            ks.append(k[:, :, p:])
+        self._qkv.clear()
+        feat = tokens[:, p:].float()
+        if feat.shape[1] != self.grid ** 2:
+            raise RuntimeError(f"teacher produced {feat.shape[1]} patch tokens, expected {self.grid ** 2}")
+        return TeacherOut(feat=feat, q=torch.stack(qs, 1), k=torch.stack(ks, 1))
+
+
+def load_teacher(name: str = DEFAULT_TEACHER, *, arch: str = DEFAULT_ARCH, layers: Sequence[int] = (8, 9, 10, 11),
+                 resolution: int = 256, seed: int = 0, device: torch.device | str = "cpu"):
+    """Return (Teacher, identity dict). Pretrained weights get their position embedding
+    resampled to the teacher input size by timm's checkpoint filter (bicubic, antialiased)."""
+    import timm
+
+    size = teacher_input_size(resolution)
+    ref = weights.parse(name)
+    if ref.kind == "random":
+        if ref.preset not in RANDOM_PRESETS:
+            raise weights.WeightsError(f"unknown random teacher preset {ref.preset!r} (known: {list(RANDOM_PRESETS)})")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(arch, pretrained=False, img_size=size, **RANDOM_PRESETS[ref.preset])
+    else:
+        model = _load_pretrained(timm, ref, arch, size)
+    model = model.to(device)
+    teacher = Teacher(model, layers, resolution)
+    identity = {
+        "name": name, "source": ref.kind, "arch": arch, "class": f"timm.{type(model).__name__}",
+        "weights_sha256": weights.state_dict_sha256(model),
+        "params": sum(p.numel() for p in model.parameters()),
+        "input_size": size, "embed_dim": teacher.embed_dim, "depth": len(model.blocks),
+        "num_heads": teacher.num_heads, "num_prefix_tokens": teacher.num_prefix_tokens,
+        "preprocess": "x/255 -> imagenet normalize -> bicubic resize (align_corners=False, no antialias)",
+    }
+    return teacher, identity
+
+
+def _load_pretrained(timm: Any, ref: weights.WeightsRef, arch: str, size: int) -> torch.nn.Module:
+    try:
+        if ref.kind == "local":
+            if not ref.path.is_file():
+                raise weights.WeightsError(f"teacher weights must be a file (.pth/.safetensors), got {ref.path}")
+            return timm.create_model(arch, pretrained=True, img_size=size,
+                                     pretrained_cfg_overlay={"file": str(ref.path)})
+        repo = ref.name.removeprefix("hf-hub:")
+        weights.require_hub(repo, "teacher")
+        model_name = "hf-hub:" + repo if "/" in repo else repo
+        return timm.create_model(model_name, pretrained=True, img_size=size)
+    except weights.WeightsError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise weights.WeightsError(
+            f"could not load teacher weights {ref.name!r} as {arch}: {str(e).splitlines()[0] if str(e) else e!r}") from None

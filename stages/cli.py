@@ -1,0 +1,128 @@
+"""The ``haste`` command line: one thin click command per stage (parse, build config, call run).
+
+    haste preprocess --config configs/demo.yaml --set out=cache [--dry-run]
+    haste cache info cache/        haste cache verify cache/
+    haste synth out_dir --count 64 --classes 4 --size 256
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from pipeline import configs
+
+log = logging.getLogger("haste")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configured once here (never at import). Non-zero torchrun ranks log warnings only."""
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    fmt = "[%(asctime)s] %(levelname).1s %(name)s: %(message)s" if rank == 0 else f"[rank{rank}] %(levelname).1s %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for noisy in ("PIL", "urllib3", "huggingface_hub", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class ActionableError(click.ClickException):
+    """One message, exit status 1, no traceback."""
+
+
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, FileNotFoundError, PermissionError)
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Turn our own error types into one actionable line (tracebacks with HASTE_DEBUG=1)."""
+    if os.environ.get("HASTE_DEBUG"):
+        return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except EXPECTED_ERRORS as e:
+        raise ActionableError(f"{type(e).__name__}: {e}") from None
+
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                             help="YAML config (sections: preprocess, train, eval).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a config field, e.g. --set batch_size=64 (repeatable).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """HASTE pipeline: preprocess -> train -> eval, with a cached DINOv2 teacher."""
+    setup_logging(verbose)
+
+
+@main.command()
+@config_option
+@set_option
+@click.option("--dry-run", is_flag=True, help="Print the resolved config, output groups and projected size; exit.")
+def preprocess(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) -> None:
+    """Encode images into SD-VAE moments + DINOv2 targets (rerun to resume)."""
+    from stages.preprocess import PreprocessConfig, run
+
+    cfg = run_guarded(configs.load, PreprocessConfig, config_path, overrides, section="preprocess")
+    result = run_guarded(run, cfg, dry_run=dry_run)
+    if dry_run or int(os.environ.get("RANK", "0")) == 0:
+        click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--count", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--classes", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--size", type=click.IntRange(min=8), default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["folder", "wds"]), default="folder", show_default=True)
+def synth(out: str, count: int, classes: int, size: int, seed: int, fmt: str) -> None:
+    """Write the deterministic synthetic dataset as an image folder tree or wds shards."""
+    from pathlib import Path
+
+    from pipeline.synth import write_image_folder, write_wds_shards
+
+    if fmt == "folder":
+        paths = write_image_folder(Path(out), count, classes, size, seed=seed)
+    else:
+        paths = write_wds_shards(Path(out), count, classes, size, seed=seed)
+    click.echo(f"wrote {len(paths)} {'images' if fmt == 'folder' else 'shards'} under {out}")
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and verify a preprocess cache."""
+
+
+@cache.command("info")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def cache_info(path: str, as_json: bool) -> None:
+    """Fields, bytes per sample, counts and totals of every group."""
+    from stages.cache_tools import format_info, info
+
+    result = run_guarded(info, path)
+    click.echo(json.dumps(result, indent=2) if as_json else format_info(result))
+
+
+@cache.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--samples", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Samples per group to decode and (when the models load) recompute.")
+@click.option("--no-models", is_flag=True, help="Skip the fresh teacher/VAE comparison.")
+def cache_verify(path: str, samples: int, no_models: bool) -> None:
+    """sha256 of every shard, decode of samples, fresh-teacher comparison."""
+    from stages.cache_tools import verify
+
+    report = run_guarded(verify, path, samples=samples, with_models=not no_models)
+    click.echo(json.dumps(report, indent=2))
+    if not report["ok"]:
+        raise ActionableError("cache verification FAILED (see the report above)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Stage 1: images -> SD-VAE posterior moments + DINOv2 teacher targets, as aligned shard groups.
+
+Run it with ``haste preprocess`` (or ``make preprocess``); rerun the same command to resume.
+Under ``torchrun --nproc_per_node=N`` each rank writes the shards ``todo[rank::N]``; rank 0
+writes the manifests once every rank is done, so the cache equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pipeline import dist, groups, weights
+from pipeline.configs import check, to_dict
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.schema import (LATENTS, SCHEMA_VERSION, TEACHER, GroupManifest, LatentSpec, ShardRecord,
+                             TeacherSpec, bytes_per_sample, get_codec)
+from pipeline.shards import atomic_write_json, shard_name, shard_ok
+from pipeline.sources import Source, open_source
+from pipeline.teacher import DEFAULT_ARCH, DEFAULT_TEACHER, RANDOM_PRESETS, Teacher, teacher_input_size
+from pipeline.vae import DEFAULT_VAE
+
+log = logging.getLogger(__name__)
+Precision = Literal["fp32", "bf16"]
+CROP = "center-crop-dhariwal"
+
+
+class PreprocessError(RuntimeError):
+    """The stage cannot (or must not) finish; the message says why and what to do."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessConfig:
+    source: str = "synthetic:64"          # image folder tree | .tar shards (dir, file, {a..b}) | synthetic:<n>
+    out: str = "cache"                    # cache root (Makefile CACHE)
+    resolution: int = 256
+    shard_size: int = 256                 # samples per shard (both groups share the numbering)
+    vae: str = DEFAULT_VAE                # hub id | local diffusers dir | random:tiny | random:sd
+    vae_precision: Precision = "fp32"
+    latent_dtype: Literal["float16", "float32"] = "float16"
+    teacher: str = DEFAULT_TEACHER        # hub id | local .pth/.safetensors | random:tiny | random:base | none
+    teacher_arch: str = DEFAULT_ARCH      # timm architecture the weights belong to
+    teacher_layers: tuple[int, ...] = (8, 9, 10, 11)
+    teacher_precision: Precision = "fp32"
+    codec: str = "qk-fp16"                # attention codec, see pipeline.schema.CODECS
+    feat_dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = 32
+    num_workers: int = 4
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0                         # seeds random:* model inits
+    synthetic_classes: int = 8
+    synthetic_seed: int = 0
+    max_skip_fraction: float = 0.001
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    resume_verify: Literal["sha256", "size"] = "sha256"
+
+    def __post_init__(self) -> None:
+        check(self.resolution >= 32 and self.resolution % 16 == 0, "resolution", "must be a multiple of 16 (>= 32)")
+        check(self.shard_size > 0, "shard_size", "must be positive")
+        check(self.batch_size > 0, "batch_size", "must be positive")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(0.0 <= self.max_skip_fraction <= 1.0, "max_skip_fraction", "must be in [0, 1]")
+        check(len(self.teacher_layers) > 0 and len(set(self.teacher_layers)) == len(self.teacher_layers),
+              "teacher_layers", "must be a non-empty list of distinct block indices")
+        check(all(layer >= 0 for layer in self.teacher_layers), "teacher_layers", "indices must be >= 0")
+        try:
+            get_codec(self.codec)
+        except ValueError as e:
+            raise type(e)(f"config field 'codec': {e}") from None
+
+    @property
+    def wants_teacher(self) -> bool:
+        return self.teacher != "none"
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: group identities, specs, status
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GroupPlan:
+    kind: str
+    key: str
+    dir: Path
+    identity: dict
+    spec: LatentSpec | TeacherSpec
+
+
+def transform(cfg: PreprocessConfig) -> dict:
+    return {"crop": CROP, "resolution": cfg.resolution, "hflip": False, "color": "RGB (alpha dropped)"}
+
+
+def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
+    """Teacher dims from the architecture itself, built on the meta device (no weights needed)."""
+    import timm
+
+    preset = RANDOM_PRESETS.get(cfg.teacher.split(":", 1)[1], {}) if cfg.teacher.startswith("random:") else {}
+    with torch.device("meta"):
+        model = timm.create_model(cfg.teacher_arch, pretrained=False,
+                                  img_size=teacher_input_size(cfg.resolution), **preset)
+    t = Teacher(model, cfg.teacher_layers, cfg.resolution)
+    return TeacherSpec(layers=cfg.teacher_layers, num_heads=t.num_heads, head_dim=t.head_dim, embed_dim=t.embed_dim,
+                       grid=t.grid, num_prefix_tokens=t.num_prefix_tokens, scale=t.scale,
+                       feat_dtype=cfg.feat_dtype, codec=cfg.codec)
+
+
+def plan_groups(cfg: PreprocessConfig, source: Source) -> list[GroupPlan]:
+    root = Path(cfg.out)
+    common = {"schema_version": SCHEMA_VERSION, "source": source.identity(), "transform": transform(cfg),
+              "shard_size": cfg.shard_size}
+    lat_spec = LatentSpec(channels=4, size=cfg.resolution // 8, dtype=cfg.latent_dtype)
+    lat_id = {**common, "vae": weights.parse(cfg.vae).descriptor(cfg.seed), "vae_precision": cfg.vae_precision,
+              "latent_dtype": cfg.latent_dtype}
+    plans = [GroupPlan(LATENTS, k := groups.group_key(lat_id), groups.group_dir(root, LATENTS, k), lat_id, lat_spec)]
+    if cfg.wants_teacher:
+        t_id = {**common, "teacher": weights.parse(cfg.teacher).descriptor(cfg.seed), "arch": cfg.teacher_arch,
+                "layers": list(cfg.teacher_layers), "codec": cfg.codec, "feat_dtype": cfg.feat_dtype,
+                "teacher_precision": cfg.teacher_precision}
+        plans.append(GroupPlan(TEACHER, k := groups.group_key(t_id), groups.group_dir(root, TEACHER, k),
+                               t_id, teacher_spec(cfg)))
+    return plans
+
+
+def progress_path(plan: GroupPlan, shard: int) -> Path:
+    return plan.dir / "progress" / f"{shard_name(shard)}.json"
+
+
+def done_record(plan: GroupPlan, shard: int, verify: str) -> ShardRecord | None:
+    """The shard's record if it was completed earlier and the file still matches it."""
+    p = progress_path(plan, shard)
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+        rec = ShardRecord(**{**data, "skipped": tuple(tuple(x) for x in data["skipped"])})
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return None
+    return rec if shard_ok(plan.dir / rec.name, rec, check_hash=verify == "sha256") else None
+
+
+def dry_run_report(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan]) -> dict:
+    n = len(source.items)
+    out = {"config": to_dict(cfg), "source": {"kind": source.kind, "count": n, "classes": len(source.classes)},
+           "num_shards": math.ceil(n / cfg.shard_size), "groups": {}}
+    for p in plans:
+        bps = bytes_per_sample(p.kind, p.spec)
+        status = "complete" if groups.is_complete(p.dir) else ("partial" if p.dir.exists() else "new")
+        out["groups"][p.kind] = {"dir": str(p.dir), "status": status, "spec": dataclasses.asdict(p.spec),
+                                 "bytes_per_sample": bps, "projected_bytes": bps["tar"] * n,
+                                 "projected_gb": round(bps["tar"] * n / 1e9, 3)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Finishing: manifests (rank 0, after every rank is done)
+# ----------------------------------------------------------------------------------------------
+
+def write_manifests(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan], models: dict,
+                    num_shards: int) -> list[GroupManifest]:
+    manifests = []
+    for plan in plans:
+        if groups.is_complete(plan.dir):
+            continue
+        records = [done_record(plan, s, "size") for s in range(num_shards)]
+        missing = [s for s, r in enumerate(records) if r is None]
+        if missing:
+            raise PreprocessError(f"{plan.dir}: shards {missing[:5]} are not complete; re-run the same command")
+        skipped = [x for r in records for x in r.skipped]
+        frac = len(skipped) / max(1, len(source.items))
+        if frac > cfg.max_skip_fraction:
+            examples = "; ".join(f"{k}: {why}" for k, why in skipped[:3])
+            raise PreprocessError(
+                f"{len(skipped)} of {len(source.items)} inputs ({frac:.2%}) could not be used, more than "
+                f"max_skip_fraction={cfg.max_skip_fraction} (e.g. {examples}). Fix the inputs or raise "
+                "max_skip_fraction, then re-run the same command (finished shards are kept).")
+        m = GroupManifest(
+            kind=plan.kind, key=plan.key, spec=plan.spec, identity=plan.identity,
+            source={"location": source.location, **source.identity(), "shard_size": cfg.shard_size},
+            models={k: v for k, v in models.items() if (k == "vae") == (plan.kind == LATENTS)},
+            producer=groups.producer_info(), shards=tuple(records), classes=source.classes,
+            settings={"transform": transform(cfg), "batch_size": cfg.batch_size,
+                      "precision": cfg.vae_precision if plan.kind == LATENTS else cfg.teacher_precision},
+        )
+        atomic_write_json(plan.dir / "manifest.json", m.to_json())
+        manifests.append(m)
+    return manifests
+
+
+def model_identities(plans: list[GroupPlan]) -> dict:
+    """Read model identities back from the progress directory (written by whichever rank loaded them)."""
+    out = {}
+    for plan in plans:
+        p = plan.dir / "progress" / "models.json"
+        if p.is_file():
+            out.update(json.loads(p.read_text()))
+    return out
+
+
+def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
+    """Build (or finish) the cache described by ``cfg``; returns a summary dict."""
+    from stages.preprocess_engine import encode_shards
+
+    d = dist.init(cfg.device)
+    source = open_source(cfg.source, synthetic_classes=cfg.synthetic_classes, synthetic_seed=cfg.synthetic_seed)
+    plans = plan_groups(cfg, source)
+    if dry_run:
+        return dry_run_report(cfg, source, plans)
+    num_shards = math.ceil(len(source.items) / cfg.shard_size)
+    pending = [p for p in plans if not groups.is_complete(p.dir)]
+    if not pending:
+        log.info("cache is complete, nothing to do: %s", ", ".join(str(p.dir) for p in plans))
+        return {"status": "up-to-date", "groups": {p.kind: str(p.dir) for p in plans}}
+    for p in plans:
+        log.info("%s group %s (%s)", p.kind, p.dir, "complete, reused" if p not in pending else "to build")
+    _make_dirs(pending)
+    encode_shards(cfg, d, source, pending, num_shards)
+    dist.barrier()
+    manifests: list[GroupManifest] = []
+    if d.is_main:
+        manifests = write_manifests(cfg, source, pending, model_identities(pending), num_shards)
+        keys = {p.kind: p.key for p in plans}
+        groups.update_index(Path(cfg.out), keys[LATENTS], keys.get(TEACHER),
+                            {"source": source.location, "resolution": cfg.resolution})
+    dist.barrier()
+    return {"status": "built", "groups": {p.kind: str(p.dir) for p in plans},
+            "samples": {m.kind: m.num_samples for m in manifests}}
+
+
+def _make_dirs(plans: list[GroupPlan]) -> None:
+    for p in plans:
+        try:
+            (p.dir / "progress").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PreprocessError(f"cannot create the cache directory {p.dir}: {e.strerror or e}") from None
+        if not dist_writable(p.dir):
+            raise PreprocessError(f"cache directory {p.dir} is not writable")
+
+
+def dist_writable(path: Path) -> bool:
+    probe = path / f".write-probe-{id(path)}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False

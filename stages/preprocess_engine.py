@@ -1,0 +1,189 @@
+"""The preprocess inner loop: decode in DataLoader workers, run the models, write shards.
+
+Batches never straddle shards, so a shard's bytes depend only on its own inputs (not on the
+rank or rerun that wrote it). Writing happens on one background thread while the next batch
+is computed; a shard is renamed into place and its progress record written only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.dist import DistInfo
+from pipeline.images import SkipImage
+from pipeline.schema import LATENTS, encode_latent_sample, encode_teacher_sample
+from pipeline.shards import ShardWriter, atomic_write_json, shard_name
+from pipeline.sources import Source
+from pipeline.teacher import load_teacher
+from pipeline.vae import encode_moments, load_vae
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    shard: int
+    key: str
+    label: int
+    image: np.ndarray | None     # (R, R, 3) uint8, None when skipped
+    reason: str = ""
+
+
+class ItemDataset(Dataset):
+    """Map-style view over (shard, item) pairs; decoding + crop run in the worker processes."""
+
+    def __init__(self, source: Source, entries: list[tuple[int, int]], resolution: int, max_pixels: int):
+        self.source, self.entries, self.resolution, self.max_pixels = source, entries, resolution, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> Loaded:
+        shard, idx = self.entries[i]
+        item = self.source.items[idx]
+        try:
+            return Loaded(shard, item.key, item.label, self.source.load(item, self.resolution, self.max_pixels))
+        except SkipImage as e:
+            return Loaded(shard, item.key, item.label, None, e.reason)
+
+
+def shard_batches(entries: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Index batches over ``entries`` that never cross a shard boundary."""
+    batches: list[list[int]] = []
+    for i, (shard, _) in enumerate(entries):
+        if not batches or len(batches[-1]) == batch_size or entries[batches[-1][0]][0] != shard:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
+def _collate(batch: list[Loaded]) -> list[Loaded]:
+    return batch
+
+
+class _ShardSink:
+    """Per-group open shard writers; all calls run on the single writer thread, in order."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.writers: dict[int, ShardWriter] = {}
+        self.skipped: dict[int, list[tuple[str, str]]] = {}
+
+    def add(self, shard: int, samples: list[tuple[str, dict[str, bytes]]], skipped: list[tuple[str, str]]) -> None:
+        w = self.writers.get(shard) or self.writers.setdefault(
+            shard, ShardWriter(self.plan.dir / shard_name(shard), shard))
+        for key, members in samples:
+            w.add(key, members)
+        self.skipped.setdefault(shard, []).extend(skipped)
+
+    def commit(self, shard: int) -> None:
+        w = self.writers.pop(shard, None) or ShardWriter(self.plan.dir / shard_name(shard), shard)
+        rec = w.commit(tuple(self.skipped.pop(shard, [])))
+        atomic_write_json(self.plan.dir / "progress" / f"{shard_name(shard)}.json", rec.__dict__)
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+
+
+def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int) -> None:
+    """Write this rank's share of the shards that some pending group still lacks."""
+    from stages.preprocess import done_record
+
+    need = {p.kind: [s for s in range(num_shards) if done_record(p, s, cfg.resume_verify) is None] for p in plans}
+    todo = sorted(set().union(*need.values()))[d.rank::d.world_size]
+    if not todo:
+        return
+    log.info("rank %d: %d shard(s) to write (%d in total are missing)", d.rank, len(todo), len(set().union(*need.values())))
+    models = _load_models(cfg, d, plans)
+    sinks = {p.kind: _ShardSink(p) for p in plans}
+    specs = {p.kind: p.spec for p in plans}
+    entries = [(s, i) for s in todo for i in range(s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(source.items)))]
+    loader = DataLoader(ItemDataset(source, entries, cfg.resolution, cfg.max_pixels),
+                        batch_sampler=shard_batches(entries, cfg.batch_size), num_workers=cfg.num_workers,
+                        collate_fn=_collate, persistent_workers=False)
+    last_of = {sh: i for i, (sh, _) in enumerate(entries)}  # position of each shard's last item
+    pending: list[Future] = []
+    pos = 0
+    with ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=len(entries), unit="img", disable=not d.is_main, desc="preprocess") as bar:
+        try:
+            for batch in loader:
+                shard = batch[0].shard
+                work = _compute(cfg, models, batch, need, specs, shard)
+                for kind, (samples, skipped) in work.items():
+                    pending.append(pool.submit(sinks[kind].add, shard, samples, skipped))
+                pos += len(batch)
+                if pos - 1 == last_of[shard]:
+                    for kind in work:
+                        pending.append(pool.submit(sinks[kind].commit, shard))
+                pending = _drain(pending, keep=4)
+                bar.update(len(batch))
+            _drain(pending, keep=0)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=True)
+            for sink in sinks.values():
+                sink.abort()
+            raise
+
+
+def _drain(futures: list[Future], keep: int) -> list[Future]:
+    """Wait until at most ``keep`` writes are in flight, re-raising any writer error."""
+    while len(futures) > keep:
+        futures.pop(0).result()
+    return futures
+
+
+def _load_models(cfg, d: DistInfo, plans: list) -> dict:
+    models, identities = {}, {}
+    kinds = {p.kind for p in plans}
+    if LATENTS in kinds:
+        models["vae"], identities["vae"] = load_vae(cfg.vae, seed=cfg.seed, device=d.device)
+        identities["vae"].update(precision=cfg.vae_precision, stored_dtype=cfg.latent_dtype)
+    if kinds - {LATENTS}:
+        models["teacher"], identities["teacher"] = load_teacher(
+            cfg.teacher, arch=cfg.teacher_arch, layers=cfg.teacher_layers, resolution=cfg.resolution,
+            seed=cfg.seed, device=d.device)
+        identities["teacher"].update(precision=cfg.teacher_precision, feat_dtype=cfg.feat_dtype, codec=cfg.codec)
+    for p in plans:
+        keep = {k: v for k, v in identities.items() if (k == "vae") == (p.kind == LATENTS)}
+        path = p.dir / "progress" / "models.json"
+        if d.is_main or not path.exists():
+            atomic_write_json(path, json.loads(json.dumps(keep)))
+    return models
+
+
+@torch.no_grad()
+def _compute(cfg, models: dict, batch: list[Loaded], need: dict[str, list[int]], specs: dict, shard: int) -> dict:
+    """Run the models that this shard needs; return {kind: (samples, skipped)} to write."""
+    ok = [b for b in batch if b.image is not None]
+    skipped = [(b.key, b.reason) for b in batch if b.image is None]
+    for key, reason in skipped:
+        log.warning("skipping input %s: %s", key, reason)
+    images = torch.from_numpy(np.stack([b.image for b in ok])).permute(0, 3, 1, 2) if ok else None
+    out: dict[str, tuple[list, list]] = {}
+    if shard in need.get(LATENTS, []):
+        samples = []
+        if images is not None:
+            moments = encode_moments(models["vae"], images, cfg.vae_precision).cpu().numpy()
+            samples = [(b.key, encode_latent_sample(specs[LATENTS], b.label, m)) for b, m in zip(ok, moments)]
+        out[LATENTS] = (samples, skipped)
+    teacher_kinds = [k for k in need if k != LATENTS and shard in need[k]]
+    for kind in teacher_kinds:
+        samples = []
+        if images is not None:
+            t = models["teacher"](images, cfg.teacher_precision)
+            feat, q, k = (x.cpu().numpy() for x in (t.feat, t.q, t.k))
+            samples = [(b.key, encode_teacher_sample(specs[kind], feat[i], q[i], k[i])) for i, b in enumerate(ok)]
+        out[kind] = (samples, skipped)
+    return out
