@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny preprocess configs and a session-wide demo cache built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_preprocess_config(out: Path, **overrides):
+    """A CPU-sized preprocess config: synthetic 64 px images, random tiny VAE + DINOv2."""
+    from stages.preprocess import PreprocessConfig
+
+    base = dict(source="synthetic:48", synthetic_classes=4, out=str(out), resolution=64, shard_size=8,
+                vae="random:tiny", teacher="random:tiny", batch_size=8, num_workers=0, device="cpu",
+                codec="qk-fp16")
+    base.update(overrides)
+    return PreprocessConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """A complete tiny cache (48 samples, 6 shards of 8, both groups); treat as read-only."""
+    from stages.preprocess import run
+
+    out = tmp_path_factory.mktemp("demo_cache")
+    run(tiny_preprocess_config(out))
+    return out
