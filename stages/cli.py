@@ -74,6 +74,26 @@ def preprocess(config_path: str | None, overrides: tuple[str, ...], dry_run: boo
 
 
 @main.command()
+@config_option
+@set_option
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+def train(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) -> None:
+    """Train SiT on a cache: Phase I with cached teacher targets, Phase II denoising only."""
+    from pipeline.configs import to_dict
+    from trainer.config import load_train_config
+
+    cfg = run_guarded(load_train_config, config_path, overrides)
+    if dry_run:
+        click.echo(json.dumps(to_dict(cfg), indent=2))
+        return
+    from stages.train import run
+
+    result = run_guarded(run, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(json.dumps(result))
+
+
+@main.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--count", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--classes", type=click.IntRange(min=1), default=8, show_default=True)

@@ -1,0 +1,54 @@
+# HASTE pipeline. `make help` lists the targets. Every target installs .venv on first use.
+PYTHON  ?= python3
+VENV    ?= .venv
+CONFIG  ?= configs/demo.yaml
+CACHE   ?= cache
+RUN     ?= runs/demo
+ARGS    ?=
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1   # the index's CUDA build (runs on CPU); see README
+BIN     := $(VENV)/bin
+HASTE   := $(BIN)/haste
+STAMP   := $(VENV)/.installed
+
+.PHONY: help install test test-all lint preprocess train eval demo bench bench-preprocess bench-train clean
+
+help:  ## list targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install: $(STAMP)  ## create .venv and install the project with dev extras
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)  ## fast + slow CPU tests (what CI runs)
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP)  ## fast CPU tests only
+	$(BIN)/pytest -q -m "not slow"
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check pipeline trainer stages tests
+
+preprocess: $(STAMP)  ## build the cache: CONFIG, CACHE, ARGS
+	$(HASTE) preprocess --config $(CONFIG) --set out=$(CACHE) $(ARGS)
+	$(HASTE) cache info $(CACHE)
+
+train: $(STAMP)  ## train on the cache: CONFIG, CACHE, RUN, ARGS (rerun to resume)
+	$(HASTE) train --config $(CONFIG) --set data.cache=$(CACHE) --set run_dir=$(RUN) $(ARGS)
+
+demo: preprocess train  ## the whole demo chain on CPU
+
+bench: bench-preprocess bench-train  ## all benchmarks (JSON under benchmarks/results/)
+
+bench-preprocess: $(STAMP)  ## preprocess images/s vs bare model compute
+	$(BIN)/python benchmarks/bench_preprocess.py $(ARGS)
+
+bench-train: $(STAMP)  ## step time: cached Phase I / Phase II vs denoise-only vs official online teacher
+	$(BIN)/python benchmarks/bench_train.py $(ARGS)
+
+clean:  ## remove the demo cache and runs (not .venv)
+	rm -rf $(CACHE) runs benchmarks/results

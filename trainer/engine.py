@@ -1,0 +1,164 @@
+"""Pieces of one optimizer step: numerics, model/EMA/optimizer construction, DDP wrapping,
+per-step RNG, and ``train_step``. The loop in ``trainer/loop.py`` strings them together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline.dist import DistInfo
+from pipeline.vae import sample_latents
+from trainer.config import TrainConfig
+from trainer.model import SiT
+from trainer.objectives import (attention_alignment_loss, flow_matching_loss, interpolate, repa_loss,
+                                sample_time, total_loss)
+from trainer.phases import Phase
+
+log = logging.getLogger(__name__)
+
+
+def setup_numerics(cfg: TrainConfig) -> None:
+    """TF32 choice in one place (recorded in config.json); called once by the stage."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[SiT, SiT]:
+    """Model and its EMA, an exact copy at step 0 (SPEC §2.5), both built from ``cfg.seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = SiT(cfg.model)
+    model = model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    return model, ema
+
+
+def build_optimizer(cfg: TrainConfig, model: SiT) -> torch.optim.AdamW:
+    # All parameters, projector included (official). A parameter a phase freezes gets no
+    # gradient and AdamW skips it; keeping it in the group keeps the state dict stable across phases.
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def set_phase_trainable(model: SiT, phase: Phase) -> None:
+    """The projector takes part only while the feature loss is on (so DDP sees no unused params)."""
+    if hasattr(model, "projectors"):
+        model.projectors.requires_grad_(phase.needs_features)
+        if not phase.needs_features:
+            for p in model.projectors.parameters():
+                p.grad = None
+
+
+def wrap(model: SiT, phase: Phase, d: DistInfo, compile_model: bool = False) -> torch.nn.Module:
+    """(Re-)wrap for a phase: DDP over exactly the parameters the phase trains."""
+    set_phase_trainable(model, phase)
+    net: torch.nn.Module = model
+    if d.distributed:
+        net = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                  find_unused_parameters=False, broadcast_buffers=False)
+    if compile_model:
+        net = torch.compile(net)
+    return net
+
+
+@torch.no_grad()
+def update_ema(ema: SiT, model: SiT, decay: float) -> None:
+    ema_params = dict(ema.named_parameters())
+    for name, p in model.named_parameters():
+        ema_params[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def step_generator(seed: int, step: int, slot: int, device: torch.device) -> torch.Generator:
+    """RNG for one micro-batch of one step: resume and world-size changes reproduce it exactly.
+
+    ``slot`` = rank * grad_accum + micro-batch index, the micro-batch's place in the global batch.
+    """
+    digest = hashlib.sha256(f"{seed}/{step}/{slot}".encode()).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+@dataclass
+class StepInputs:
+    x0: torch.Tensor                    # (N, C, H, W) posterior sample in model space
+    y: torch.Tensor                     # (N,) labels after CFG dropout
+    teacher_feat: torch.Tensor | None   # (N, T, D)
+    teacher_logits: torch.Tensor | None  # (N, P, H, T, T) for the aligned pairs, in pair order
+
+
+def micro_loss(net: torch.nn.Module, model: SiT, cfg: TrainConfig, phase: Phase, inp: StepInputs,
+               g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Losses of one micro-batch (device tensors, not yet divided by grad_accum)."""
+    n = inp.x0.shape[0]
+    t = sample_time(n, cfg.time_sampling, cfg.path, generator=g, device=inp.x0.device)
+    noise = torch.randn(inp.x0.shape, generator=g, device=inp.x0.device)
+    x_t, v = interpolate(inp.x0, noise, t, cfg.path)
+    a = cfg.align
+    with autocast(cfg, inp.x0.device):
+        out = net(x_t, t, inp.y, attn_blocks=a.student_blocks if phase.needs_attention else (),
+                  feature_block=a.feature_block if phase.needs_features else None)
+    losses = {"denoise": flow_matching_loss(out.out.float(), v).mean()}
+    if phase.needs_features:
+        losses["feat"] = repa_loss(out.features.float(), inp.teacher_feat)
+    if phase.needs_attention:
+        student = [out.attn_logits[b] for b in a.student_blocks]
+        teacher = list(inp.teacher_logits.unbind(1))
+        losses["attn"] = attention_alignment_loss(student, teacher, a.student_heads, a.teacher_heads)
+    losses["loss"] = total_loss(losses["denoise"], losses.get("feat"), losses.get("attn"),
+                                feat_weight=phase.feat_weight, attn_weight=phase.attn_weight)
+    return losses
+
+
+def prepare_inputs(batch: dict, model: SiT, cfg: TrainConfig, phase: Phase, cache, device: torch.device,
+                   g: torch.Generator) -> StepInputs:
+    """Cached batch -> step inputs: fresh posterior sample, label dropout, decoded teacher logits."""
+    lat = cache.latents.spec
+    moments = batch["moments"].to(device, non_blocking=True)
+    x0 = sample_latents(moments, lat.scale, lat.bias, generator=g)
+    y = model.drop_labels(batch["label"].to(device, non_blocking=True), generator=g)
+    feat = logits = None
+    if phase.needs_features:
+        feat = batch["feat"].to(device, non_blocking=True).float()
+    if phase.needs_attention:
+        ts = cache.teacher.spec
+        idx = [ts.layers.index(layer) for layer in cfg.align.teacher_layers]  # only the aligned layers
+        arrays = {k: batch[k][:, idx].to(device, non_blocking=True) for k in ("q", "k", "logits") if k in batch}
+        logits = cache.teacher_logits(arrays)
+    return StepInputs(x0=x0, y=y, teacher_feat=feat, teacher_logits=logits)
+
+
+def train_step(net: torch.nn.Module, model: SiT, opt: torch.optim.Optimizer, scaler, cfg: TrainConfig,
+               phase: Phase, cache, batches: list[dict], step: int, d: DistInfo) -> dict[str, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns detached mean losses."""
+    sums: dict[str, torch.Tensor] = {}
+    for j, batch in enumerate(batches):
+        g = step_generator(cfg.seed, step, d.rank * cfg.grad_accum + j, d.device)
+        inp = prepare_inputs(batch, model, cfg, phase, cache, d.device, g)
+        last = j == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not isinstance(net, DDP) else net.no_sync()
+        with sync:
+            losses = micro_loss(net, model, cfg, phase, inp, g)
+            scaler.scale(losses["loss"] / len(batches)).backward()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0) + v.detach() / len(batches)
+    scaler.unscale_(opt)
+    sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return sums
