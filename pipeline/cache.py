@@ -14,20 +14,26 @@ latents-only stream never touches a teacher byte.
 from __future__ import annotations
 
 import logging
+import os
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.groups import group_dir, read_index
-from pipeline.schema import (LATENTS, TEACHER, CacheFormatError, GroupManifest, TeacherSpec, decode_members,
-                             get_codec, read_manifest)
+from pipeline.schema import (
+    LATENTS,
+    TEACHER,
+    CacheFormatError,
+    GroupManifest,
+    TeacherSpec,
+    get_codec,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +67,29 @@ def open_cache(root: str | Path, *, latents: str | None = None, teacher: str | N
                need_teacher: bool = True) -> Cache:
     """Open the groups of a cache root; by default the newest (latents, teacher) pair in index.json.
 
-    With ``need_teacher=False`` the teacher group is neither opened nor required to exist.
+    With ``need_teacher=False`` the teacher group is neither opened nor required to exist. With
+    ``need_teacher=True`` runs that recorded no teacher (``teacher: none``) are passed over, so a
+    newer latents-only run does not hide the newest complete pair.
     """
     root = Path(root)
     if not root.is_dir():
         raise CacheFormatError(f"cache not found: {root} (run `haste preprocess` first)")
     runs = read_index(root).get("runs", [])
-    pick = next((r for r in reversed(runs) if latents in (None, r["latents"])
-                 and (not need_teacher or teacher in (None, r["teacher"]))), None)
+
+    def fits(r: dict) -> bool:
+        if latents not in (None, r.get("latents")):
+            return False
+        if not need_teacher:
+            return True
+        return r.get("teacher") is not None and teacher in (None, r.get("teacher"))
+
+    pick = next((r for r in reversed(runs) if fits(r)), None)
+    if pick is None and need_teacher and teacher is None:  # only teacher-less runs: say so below
+        pick = next((r for r in reversed(runs) if latents in (None, r.get("latents"))), None)
     lat_key = latents or (pick or {}).get("latents")
+    if lat_key is None and need_teacher and teacher is not None:
+        raise CacheMismatchError(f"{root}: index.json records no run with teacher group {teacher}; "
+                                 "pass its latents group key too, or re-run `haste preprocess`")
     if lat_key is None:
         raise CacheFormatError(f"{root}: no complete latents group recorded in index.json")
     lat = read_manifest(group_dir(root, LATENTS, lat_key))
@@ -96,6 +116,9 @@ def _check_aligned(lat: GroupManifest, tm: GroupManifest) -> None:
     if lat.settings.get("transform") != tm.settings.get("transform"):
         raise CacheMismatchError(f"latents and teacher groups differ in transform: "
                                  f"{lat.settings.get('transform')} vs {tm.settings.get('transform')}")
+    if len(lat.shards) != len(tm.shards):
+        raise CacheMismatchError(f"latents group {lat.key} has {len(lat.shards)} shards but teacher group "
+                                 f"{tm.key} has {len(tm.shards)}")
     for a, b in zip(lat.shards, tm.shards):
         if (a.count, a.first_key, a.last_key) != (b.count, b.first_key, b.last_key):
             raise CacheMismatchError(f"shard {a.name} differs between the latents and teacher groups")
@@ -159,9 +182,27 @@ def _teacher_problems(ts: TeacherSpec, req: Requirements) -> list[str]:
 # Reading
 # ----------------------------------------------------------------------------------------------
 
+ShardIndex = tuple[tuple[str, dict[str, tuple[int, int]]], ...]
+
+
+def index_shard(path: Path) -> ShardIndex:
+    """(key, {ext: (offset, size)}) per sample, in file order, from the tar headers alone.
+
+    Cached per file version (path, inode, size, mtime), so a shard replaced on disk is re-indexed.
+    Raises ``CacheFormatError`` naming the file when it is missing, truncated or corrupt.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CacheFormatError(f"shard missing: {path}") from None
+    except OSError as e:
+        raise CacheFormatError(f"shard unreadable: {path} ({e})") from None
+    return _index_shard(path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @lru_cache(maxsize=64)
-def index_shard(path: Path) -> tuple[tuple[str, dict[str, tuple[int, int]]], ...]:
-    """(key, {ext: (offset, size)}) per sample, in file order, from the tar headers alone."""
+def _index_shard(path: Path, ino: int, size: int, mtime_ns: int) -> ShardIndex:
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
     try:
         with tarfile.open(path, "r:") as tf:
@@ -173,22 +214,41 @@ def index_shard(path: Path) -> tuple[tuple[str, dict[str, tuple[int, int]]], ...
                 if not samples or samples[-1][0] != key:
                     samples.append((key, {}))
                 samples[-1][1][ext] = (m.offset_data, m.size)
+            end = tf.offset  # where tarfile stopped: must be the end-of-archive marker
+        # tarfile stops silently at a cut-off or garbled header after the first one; a complete
+        # shard has a NUL end-of-archive block right where the iteration stopped.
+        with open(path, "rb") as f:
+            f.seek(end)
+            marker = f.read(tarfile.BLOCKSIZE)
     except FileNotFoundError:
         raise CacheFormatError(f"shard missing: {path}") from None
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError) as e:
         raise CacheFormatError(f"shard corrupt or truncated: {path} ({e})") from None
+    if len(marker) < tarfile.BLOCKSIZE:
+        raise CacheFormatError(f"shard truncated: {path} ({size} bytes, ends inside or right after the member "
+                               f"at byte {end}); re-run `haste preprocess` to rewrite it")
+    if marker.strip(tarfile.NUL):
+        raise CacheFormatError(f"shard corrupt: {path} (unreadable tar header at byte {end})")
     return tuple(samples)
 
 
-def read_sample(path: Path, entry: tuple[str, dict[str, tuple[int, int]]]) -> dict[str, bytes]:
+def read_sample(path: Path, entry: tuple[str, dict[str, tuple[int, int]]], f=None) -> dict[str, bytes]:
+    """Member bytes of one indexed sample; ``f`` is an already open binary handle on ``path``."""
+    if f is None:
+        try:
+            with open(path, "rb") as fh:
+                return read_sample(path, entry, fh)
+        except FileNotFoundError:
+            raise CacheFormatError(f"shard missing: {path}") from None
+        except OSError as e:
+            raise CacheFormatError(f"shard unreadable: {path} ({e})") from None
     out = {}
-    with open(path, "rb") as f:
-        for ext, (offset, size) in entry[1].items():
-            f.seek(offset)
-            data = f.read(size)
-            if len(data) != size:
-                raise CacheFormatError(f"shard truncated: {path} (member {entry[0]}.{ext})")
-            out[ext] = data
+    for ext, (offset, size) in entry[1].items():
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise CacheFormatError(f"shard truncated: {path} (member {entry[0]}.{ext})")
+        out[ext] = data
     return out
 
 

@@ -1,16 +1,19 @@
 """Training batches from a cache: a deterministic, resumable, node- and worker-split stream.
 
-Each DataLoader worker owns reader slot ``rank * num_workers + worker`` and builds whole
-batches itself, so with PyTorch's in-order round-robin over workers the rank's j-th batch is
-worker ``j % W``'s ``j // W``-th batch. Resuming after ``b`` batches therefore only needs each
-worker to skip its own share, which it does by manifest counts (whole shards) plus an offset
-into one shard's permutation: no bytes are read to skip.
+Reader slot ``rank * W + w`` (W = num_workers) builds whole batches itself, so with PyTorch's
+in-order round-robin over workers the rank's j-th batch is slot ``w = j % W``'s ``j // W``-th
+batch. Resuming after ``b`` batches therefore only needs each slot to skip its own share, which
+it does by manifest counts (whole shards) plus an offset into one shard's permutation: no bytes
+are read to skip. A resumed DataLoader asks its worker 0 first, so DataLoader worker ``i`` plays
+slot ``w = (i + b) % W``; the rank's batches then continue exactly where they stopped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,6 +61,10 @@ class CacheStream(IterableDataset):
                  world_size: int = 1, num_workers: int = 0, start_batch: int = 0, shuffle: bool = True):
         if with_teacher and cache.teacher is None:
             raise CacheMismatchError("a teacher stream was asked for but the cache was opened without a teacher")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size <= 0 or start_batch < 0:
+            raise ValueError(f"batch_size must be > 0 and start_batch >= 0 (got {batch_size}, {start_batch})")
         num_slots = world_size * max(1, num_workers)
         if num_slots > cache.num_shards:
             raise CacheMismatchError(
@@ -70,9 +77,14 @@ class CacheStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        workers = info.num_workers if info is not None else 1
+        if workers != self.num_workers:
+            raise ValueError(f"CacheStream was built for num_workers={self.num_workers} but is read by {workers} "
+                             "worker(s); pass the same num_workers to make_loader")
+        # DataLoader worker i yields the rank's batches start_batch + i, start_batch + i + W, ...
+        worker = ((info.id if info is not None else 0) + self.start_batch) % self.num_workers
         slot = self.rank * self.num_workers + worker
-        # Batches j < start_batch with j % W == worker were produced by this worker before.
+        # Batches j < start_batch with j % W == worker were produced by this slot before.
         done = max(0, -(-(self.start_batch - worker) // self.num_workers))
         pos = seek(self.counts, self.seed, slot, self.num_slots, done * self.batch_size)
         buf: list[dict] = []
@@ -86,6 +98,9 @@ class CacheStream(IterableDataset):
         epoch, shard_pos, offset = pos.epoch, pos.shard_pos, pos.offset
         while True:
             shards = slot_shards(self.seed, epoch, len(self.counts), slot, self.num_slots)
+            if not any(self.counts[s] for s in shards):
+                raise CacheMismatchError(f"reader slot {slot} gets no samples in epoch {epoch}; "
+                                         "use fewer workers/ranks or more shards")
             for s in shards[shard_pos:]:
                 order = sample_order(self.seed, epoch, s, self.counts[s], self.shuffle)
                 yield from self._read_shard(s, order[offset:])
@@ -94,22 +109,41 @@ class CacheStream(IterableDataset):
 
     def _read_shard(self, s: int, order: list[int]) -> Iterator[dict]:
         lat_path = self.cache.shard_path(LATENTS, s)
-        lat_index = index_shard(lat_path)
-        if len(lat_index) != self.counts[s]:
-            raise CacheFormatError(f"{lat_path}: {len(lat_index)} samples, manifest says {self.counts[s]}")
+        lat_index = _checked_index(lat_path, self.counts[s])
         t_path = self.cache.shard_path(TEACHER, s) if self.with_teacher else None
-        t_index = index_shard(t_path) if t_path is not None else None
-        for i in order:
-            key = lat_index[i][0]
-            out = decode_members(LATENTS, self.cache.latents.spec, read_sample(lat_path, lat_index[i]),
-                                 where=f"{lat_path}:{key}")
-            out["key"] = key
-            if t_index is not None:
-                if i >= len(t_index) or t_index[i][0] != key:
-                    raise CacheFormatError(f"{t_path}: sample {i} is not {key!r}; latents and teacher out of step")
-                out.update(decode_members(TEACHER, self.cache.teacher.spec, read_sample(t_path, t_index[i]),
-                                          where=f"{t_path}:{key}"))
-            yield out
+        if t_path is not None:
+            t_index = _checked_index(t_path, self.counts[s])
+            for i, (a, b) in enumerate(zip(lat_index, t_index)):
+                if a[0] != b[0]:
+                    raise CacheFormatError(f"{t_path}: sample {i} is {b[0]!r} but {lat_path} has {a[0]!r}; "
+                                           "latents and teacher shards are out of step (re-run `haste preprocess`)")
+        with _open_shard(lat_path) as lf, (_open_shard(t_path) if t_path is not None else nullcontext()) as tf:
+            for i in order:
+                key = lat_index[i][0]
+                out = decode_members(LATENTS, self.cache.latents.spec, read_sample(lat_path, lat_index[i], lf),
+                                     where=f"{lat_path}:{key}")
+                out["key"] = key
+                if tf is not None:
+                    out.update(decode_members(TEACHER, self.cache.teacher.spec,
+                                              read_sample(t_path, t_index[i], tf), where=f"{t_path}:{key}"))
+                yield out
+
+
+def _checked_index(path: Path, count: int):
+    index = index_shard(path)
+    if len(index) != count:
+        raise CacheFormatError(f"{path}: {len(index)} samples, manifest says {count} "
+                               "(truncated or replaced shard; re-run `haste preprocess`)")
+    return index
+
+
+def _open_shard(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise CacheFormatError(f"shard missing: {path}") from None
+    except OSError as e:
+        raise CacheFormatError(f"shard unreadable: {path} ({e})") from None
 
 
 def collate(samples: list[dict]) -> dict:
@@ -124,5 +158,8 @@ def collate(samples: list[dict]) -> dict:
 
 def make_loader(stream: CacheStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """DataLoader over a stream of ready batches (batch_size=None: workers batch themselves)."""
+    if max(1, num_workers) != stream.num_workers:
+        raise ValueError(f"make_loader(num_workers={num_workers}) but the stream was built for "
+                         f"num_workers={stream.num_workers}; both must match for the node/worker split")
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None)

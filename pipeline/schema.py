@@ -180,7 +180,9 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 def load_npy(data: bytes, *, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        # The .npy reader itself (not np.load): refuses pickles, object arrays and .npz archives,
+        # and reports empty/truncated data as ValueError instead of EOFError/BadZipFile.
+        arr = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:  # includes "Object arrays cannot be loaded when allow_pickle=False"
         raise CacheFormatError(f"{where}: not a plain .npy array ({e})") from None
     if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):

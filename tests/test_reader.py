@@ -21,8 +21,15 @@ import torch
 
 from pipeline import cache as cache_mod
 from pipeline import loader as loader_mod
-from pipeline.cache import (CacheMismatchError, Requirements, check_cache, index_shard, open_cache,
-                            sample_order, shard_order)
+from pipeline.cache import (
+    CacheMismatchError,
+    Requirements,
+    check_cache,
+    index_shard,
+    open_cache,
+    sample_order,
+    shard_order,
+)
 from pipeline.loader import CacheStream, Position, collate, make_loader, seek, slot_shards
 from pipeline.schema import LATENTS, TEACHER, CacheFormatError
 from pipeline.shards import ShardWriter, iter_samples
@@ -122,8 +129,9 @@ def test_open_cache_default_is_newest_indexed_pair(demo_cache: Path) -> None:
 
 
 def test_open_cache_newest_pair_and_explicit_keys(cache_copy: Path) -> None:
-    from stages.preprocess import run
     from conftest import tiny_preprocess_config
+
+    from stages.preprocess import run
 
     first = open_cache(cache_copy)
     run(tiny_preprocess_config(cache_copy, codec="logits-fp16", teacher_layers=(10, 11)))
@@ -301,18 +309,34 @@ def test_shard_rewritten_in_place_is_reindexed(cache_copy: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", [LATENTS, TEACHER])
-@pytest.mark.parametrize("keep", ["half", "first_member", "header_only", "empty"])
+@pytest.mark.parametrize("keep", ["half", "first_member", "header_only", "empty", "garbled_header"])
 def test_truncated_shard_names_path(cache_copy: Path, kind: str, keep: str) -> None:
     c = open_cache(cache_copy)
     path = c.shard_path(kind, 4)
     data = path.read_bytes()
-    first_size = tarfile.open(path).getmembers()[0].size
-    cut = {"half": len(data) // 2, "first_member": 512 + first_size // 2, "header_only": 512, "empty": 0}[keep]
-    path.write_bytes(data[:cut])
+    with tarfile.open(path) as tf:
+        members = tf.getmembers()
+    if keep == "garbled_header":  # a header in the middle overwritten: tarfile would just stop there
+        at = members[5].offset
+        path.write_bytes(data[:at] + b"\x7fjunk" * 64 + data[at + 512:])
+    else:
+        cut = {"half": len(data) // 2, "first_member": 512 + members[0].size // 2, "header_only": 512,
+               "empty": 0}[keep]
+        path.write_bytes(data[:cut])
     with pytest.raises(CacheFormatError) as e:
         one_epoch(c, with_teacher=True)
     assert str(path) in str(e.value)
     assert "truncated" in str(e.value) or "corrupt" in str(e.value)
+
+
+def test_teacher_manifest_with_other_shard_count_is_refused(cache_copy: Path) -> None:
+    t_dir = open_cache(cache_copy).shard_path(TEACHER, 0).parent
+    m = json.loads((t_dir / "manifest.json").read_text())
+    m["shards"] = m["shards"][:-1]
+    (t_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheMismatchError, match="shards"):
+        open_cache(cache_copy)
+    open_cache(cache_copy, need_teacher=False)  # the latents group alone is fine
 
 
 @pytest.mark.parametrize("kind", [LATENTS, TEACHER])
