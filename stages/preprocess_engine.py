@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.dist import DistInfo
+from pipeline.dist import DistInfo, barrier
 from pipeline.images import SkipImage
 from pipeline.schema import LATENTS, encode_latent_sample, encode_teacher_sample
 from pipeline.shards import ShardWriter, atomic_write_json, shard_name
@@ -100,6 +100,7 @@ def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int
 
     need = {p.kind: [s for s in range(num_shards) if done_record(p, s, cfg.resume_verify) is None] for p in plans}
     todo = sorted(set().union(*need.values()))[d.rank::d.world_size]
+    barrier()  # every rank must see the same `need` before any rank writes a shard
     if not todo:
         return
     log.info("rank %d: %d shard(s) to write (%d in total are missing)", d.rank, len(todo), len(set().union(*need.values())))
