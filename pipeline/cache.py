@@ -67,35 +67,32 @@ def open_cache(root: str | Path, *, latents: str | None = None, teacher: str | N
                need_teacher: bool = True) -> Cache:
     """Open the groups of a cache root; by default the newest (latents, teacher) pair in index.json.
 
-    With ``need_teacher=False`` the teacher group is neither opened nor required to exist. With
-    ``need_teacher=True`` runs that recorded no teacher (``teacher: none``) are passed over, so a
-    newer latents-only run does not hide the newest complete pair.
+    With ``need_teacher=False`` the teacher group is neither opened nor required to exist. The
+    latents group is chosen the same way whatever ``need_teacher`` is (an explicit ``teacher`` key
+    still selects the run it was recorded with), so Phase I and a Phase II reopen that pass the same
+    keys read the same latents. When the newest run for the chosen latents recorded no teacher, the
+    newest teacher group recorded for those same latents is used.
     """
     root = Path(root)
     if not root.is_dir():
         raise CacheFormatError(f"cache not found: {root} (run `haste preprocess` first)")
-    runs = read_index(root).get("runs", [])
-
-    def fits(r: dict) -> bool:
-        if latents not in (None, r.get("latents")):
-            return False
-        if not need_teacher:
-            return True
-        return r.get("teacher") is not None and teacher in (None, r.get("teacher"))
-
-    pick = next((r for r in reversed(runs) if fits(r)), None)
-    if pick is None and need_teacher and teacher is None:  # only teacher-less runs: say so below
-        pick = next((r for r in reversed(runs) if latents in (None, r.get("latents"))), None)
+    runs = list(reversed(read_index(root).get("runs", [])))  # newest first
+    pick = next((r for r in runs if latents in (None, r.get("latents")) and teacher in (None, r.get("teacher"))),
+                None)
+    if pick is None and teacher is not None:
+        if need_teacher and latents is None:
+            raise CacheMismatchError(f"{root}: index.json records no run with teacher group {teacher}; "
+                                     "pass its latents group key too, or re-run `haste preprocess`")
+        pick = next((r for r in runs if latents in (None, r.get("latents"))), None)
     lat_key = latents or (pick or {}).get("latents")
-    if lat_key is None and need_teacher and teacher is not None:
-        raise CacheMismatchError(f"{root}: index.json records no run with teacher group {teacher}; "
-                                 "pass its latents group key too, or re-run `haste preprocess`")
     if lat_key is None:
         raise CacheFormatError(f"{root}: no complete latents group recorded in index.json")
-    lat = read_manifest(group_dir(root, LATENTS, lat_key))
+    lat = _read_group(root, LATENTS, lat_key)
     if not need_teacher:
         return Cache(root, lat, None)
     t_key = teacher or (pick or {}).get("teacher")
+    if t_key is None:  # a later latents-only run may have been recorded for the same latents
+        t_key = next((r.get("teacher") for r in runs if r.get("latents") == lat_key and r.get("teacher")), None)
     if t_key is None:
         raise CacheMismatchError(f"{root}: no teacher group recorded for latents group {lat_key}; "
                                  "preprocess with a teacher (teacher != none) or train without alignment")
@@ -103,9 +100,19 @@ def open_cache(root: str | Path, *, latents: str | None = None, teacher: str | N
     if not t_dir.is_dir():
         raise CacheMismatchError(f"teacher group {t_dir} is missing: Phase I needs the teacher targets. "
                                  "Re-run `haste preprocess` with the same config to rebuild them.")
-    tm = read_manifest(t_dir)
+    tm = _read_group(root, TEACHER, t_key)
     _check_aligned(lat, tm)
     return Cache(root, lat, tm)
+
+
+def _read_group(root: Path, kind: str, key: str) -> GroupManifest:
+    """The manifest of ``<root>/<kind>/<key>``; it must describe that very directory (shard paths use its key)."""
+    gdir = group_dir(root, kind, key)
+    m = read_manifest(gdir)
+    if (m.kind, m.key) != (kind, key):
+        raise CacheFormatError(f"{gdir}/manifest.json describes {m.kind} group {m.key}, not {kind} group {key}; "
+                               "the group directory was moved or copied (re-run `haste preprocess`)")
+    return m
 
 
 def _check_aligned(lat: GroupManifest, tm: GroupManifest) -> None:

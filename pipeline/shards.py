@@ -89,6 +89,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the partial file; never raises (it runs while another error propagates)."""
         try:
+            try:  # close tarfile's stream first, or its __del__ later writes into the closed file
+                self._tar.close()
+            except Exception:  # noqa: BLE001 (best effort: the file is deleted anyway)
+                pass
             self._raw.close()
         finally:
             self.tmp.unlink(missing_ok=True)

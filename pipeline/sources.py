@@ -92,6 +92,12 @@ def open_source(spec: str, *, synthetic_classes: int = 8, synthetic_seed: int = 
     except (FileNotFoundError, ValueError) as e:
         raise SourceError(str(e)) from None
     items = tuple(Item(key=sample_key(rel), label=label, path=str(root / rel)) for rel, label in files)
+    seen: dict[str, str] = {}
+    for it, (rel, _) in zip(items, files):
+        if it.key in seen:  # e.g. a.jpg and a.png: one tar sample key, so one would overwrite the other
+            raise SourceError(f"{root}: {seen[it.key]!r} and {rel!r} map to the same sample key {it.key!r} "
+                              "(keys drop the extension); rename one of them")
+        seen[it.key] = rel
     return Source("folder", str(root.resolve()), tuple(classes), items)
 
 

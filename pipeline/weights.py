@@ -40,7 +40,7 @@ class WeightsRef:
         if self.kind == "local":
             assert self.path is not None
             return {"name": self.name, "files_sha256": hash_files(weight_files(self.path))}
-        return {"name": self.name, "revision": cached_revision(self.name) or "unresolved"}
+        return {"name": self.name, "revision": cached_revision(self.name) or remote_revision(self.name) or "unresolved"}
 
 
 def parse(name: str) -> WeightsRef:
@@ -71,6 +71,26 @@ def cached_revision(repo_id: str) -> str | None:
     except CacheNotFound:
         return None
     return None
+
+
+def remote_revision(repo_id: str) -> str | None:
+    """Commit the hub serves for ``repo_id`` now (None offline or for names without an org).
+
+    The cache key must name the same revision before and after the run downloads the weights;
+    otherwise the first online run keys its groups "unresolved" and the rerun rebuilds them.
+    """
+    repo_id = repo_id.removeprefix("hf-hub:")
+    if offline() or "/" not in repo_id:
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().model_info(repo_id, timeout=30).sha
+    except Exception as e:  # network, auth, unknown repo: one actionable line
+        raise WeightsError(
+            f"cannot resolve hub weights {repo_id!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+            "Check the name and the network, or pass a local file/directory "
+            "(with HF_HUB_OFFLINE=1 for offline use).") from None
 
 
 def require_hub(repo_id: str, what: str) -> bool:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,7 +95,9 @@ class GroupPlan:
 
 
 def transform(cfg: PreprocessConfig) -> dict:
-    return {"crop": CROP, "resolution": cfg.resolution, "hflip": False, "color": "RGB (alpha dropped)"}
+    # max_pixels decides which inputs are skipped, so it is part of what the shards contain
+    return {"crop": CROP, "resolution": cfg.resolution, "hflip": False, "color": "RGB (alpha dropped)",
+            "max_pixels": cfg.max_pixels}
 
 
 def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
@@ -142,7 +145,11 @@ def done_record(plan: GroupPlan, shard: int, verify: str) -> ShardRecord | None:
         rec = ShardRecord(**{**data, "skipped": tuple(tuple(x) for x in data["skipped"])})
     except (json.JSONDecodeError, TypeError, KeyError):
         return None
-    return rec if shard_ok(plan.dir / rec.name, rec, check_hash=verify == "sha256") else None
+    if shard_ok(plan.dir / rec.name, rec, check_hash=verify == "sha256"):
+        return rec
+    log.warning("%s does not match its progress record (missing, truncated or corrupt): it will be rewritten",
+                plan.dir / rec.name)
+    return None
 
 
 def dry_run_report(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan]) -> dict:
@@ -219,6 +226,7 @@ def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
         return {"status": "up-to-date", "groups": {p.kind: str(p.dir) for p in plans}}
     for p in plans:
         log.info("%s group %s (%s)", p.kind, p.dir, "complete, reused" if p not in pending else "to build")
+    _check_weights(cfg, pending)
     _make_dirs(pending)
     encode_shards(cfg, d, source, pending, num_shards)
     dist.barrier()
@@ -233,6 +241,14 @@ def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
             "samples": {m.kind: m.num_samples for m in manifests}}
 
 
+def _check_weights(cfg: PreprocessConfig, plans: list[GroupPlan]) -> None:
+    """Fail before creating any directory when hub weights are needed but unavailable offline."""
+    kinds = {p.kind for p in plans}
+    for name, what, needed in ((cfg.vae, "VAE", LATENTS in kinds), (cfg.teacher, "teacher", TEACHER in kinds)):
+        if needed and weights.parse(name).kind == "hub":
+            weights.require_hub(name.removeprefix("hf-hub:"), what)
+
+
 def _make_dirs(plans: list[GroupPlan]) -> None:
     for p in plans:
         try:
@@ -244,7 +260,7 @@ def _make_dirs(plans: list[GroupPlan]) -> None:
 
 
 def dist_writable(path: Path) -> bool:
-    probe = path / f".write-probe-{id(path)}"
+    probe = path / f".write-probe-{os.getpid()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()

@@ -133,6 +133,8 @@ def empty_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HOME", str(home))
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    import huggingface_hub.utils._cache_manager as cm
+    monkeypatch.setattr(cm, "HF_HUB_CACHE", str(home / "hub"))  # scan_cache_dir's default
     return home
 
 
@@ -164,3 +166,41 @@ def test_hub_id_resolves_from_local_cache_offline(empty_hf_cache, tiny_vae):
     assert weights.parse("acme/tiny-vae").descriptor(seed=0) == {"name": "acme/tiny-vae", "revision": rev}
     loaded, lident = load_vae("acme/tiny-vae")
     assert lident["source"] == "hub" and lident["weights_sha256"] == ident["weights_sha256"]
+
+
+def test_hub_cache_key_is_stable_across_the_first_download(empty_hf_cache, tiny_vae, monkeypatch):
+    """Online, an uncached hub id is keyed by the revision the hub serves, so the rerun after the
+    download (now cached) computes the same group key instead of rebuilding everything."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+
+    rev = "89abcdef0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    calls = []
+    monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, **kw: calls.append(repo_id) or SimpleNamespace(sha=rev))
+    before = weights.parse("acme/tiny-vae").descriptor(seed=0)
+    assert calls == ["acme/tiny-vae"] and before["revision"] == rev
+    # "download": the snapshot lands in the HF cache
+    repo_dir = empty_hf_cache / "hub" / "models--acme--tiny-vae"
+    tiny_vae[0].save_pretrained(repo_dir / "snapshots" / rev)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(rev)
+    after = weights.parse("acme/tiny-vae").descriptor(seed=0)
+    assert after == before and len(calls) == 1   # the cached revision is used, no second hub call
+    # offline and uncached: no hub call at all, the run fails later with the offline message
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert weights.parse("acme/other").descriptor(seed=0)["revision"] == "unresolved" and len(calls) == 1
+
+
+def test_hub_resolution_failure_online_is_one_clear_error(empty_hf_cache, monkeypatch):
+    from huggingface_hub import HfApi
+
+    def boom(self, repo_id, **kw):
+        raise ConnectionError("Max retries exceeded\nwith url ...")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(HfApi, "model_info", boom)
+    with pytest.raises(WeightsError, match="cannot resolve hub weights 'acme/x': Max retries exceeded") as e:
+        weights.parse("acme/x").descriptor(seed=0)
+    assert "\n" not in str(e.value) and "HF_HUB_OFFLINE=1" in str(e.value)

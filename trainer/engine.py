@@ -137,7 +137,11 @@ def prepare_inputs(batch: dict, model: SiT, cfg: TrainConfig, phase: Phase, cach
     if phase.needs_attention:
         ts = cache.teacher.spec
         idx = [ts.layers.index(layer) for layer in cfg.align.teacher_layers]  # only the aligned layers
-        arrays = {k: batch[k][:, idx].to(device, non_blocking=True) for k in ("q", "k", "logits") if k in batch}
+        # Copy first (from pinned memory, async), select on the device: a CPU-side gather of
+        # ~100 MB per step would stall the main thread.
+        arrays = {k: batch[k].to(device, non_blocking=True) for k in ("q", "k", "logits") if k in batch}
+        if idx != list(range(len(ts.layers))):
+            arrays = {k: v[:, idx] for k, v in arrays.items()}
         logits = cache.teacher_logits(arrays)
     return StepInputs(x0=x0, y=y, teacher_feat=feat, teacher_logits=logits)
 

@@ -47,7 +47,10 @@ def open_data(cfg: TrainConfig, phase: Phase, d: dist.DistInfo, start_batch: int
     stream = CacheStream(cache, with_teacher=phase.needs_teacher, batch_size=micro, seed=cfg.seed, rank=d.rank,
                          world_size=d.world_size, num_workers=cfg.data.num_workers, start_batch=start_batch,
                          shuffle=cfg.data.shuffle)
-    return cache, iter(make_loader(stream, cfg.data.num_workers, pin_memory=d.device.type == "cuda"))
+    # A DataLoader iterator draws its workers' base seed from the global RNG; the stream does not use
+    # it, so keep the global RNG (saved in checkpoints) independent of when the data was (re)opened.
+    with torch.random.fork_rng(devices=[]):
+        return cache, iter(make_loader(stream, cfg.data.num_workers, pin_memory=d.device.type == "cuda"))
 
 
 def check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -61,7 +64,9 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     d = dist.init(cfg.device)
+    cfg.per_rank_batch(d.world_size)  # global batch vs world size x grad_accum, before anything is read or written
     setup_numerics(cfg)
+    torch.manual_seed(cfg.seed + d.rank)  # global RNG (official set_seed); a resume restores the saved state
     run_dir = Path(cfg.run_dir)
     cfg_dict = to_dict(cfg)
     ckpts = checkpoint.list_checkpoints(run_dir)
@@ -153,30 +158,35 @@ class _Meter:
     """Accumulates losses on the device; syncs only at log time. Remembers the first non-finite step."""
 
     def __init__(self, device: torch.device):
-        self.device, self.sums, self.count = device, {}, 0
+        self.device, self.sums, self.counts = device, {}, {}
         self.bad_step = torch.tensor(-1, device=device)
         self.t0, self.steps_since = time.perf_counter(), 0
 
     def add(self, losses: dict[str, torch.Tensor], step: int) -> None:
-        for k, v in losses.items():
+        for k, v in losses.items():  # per-key counts: an interval may span tau (feat/attn on only part of it)
             self.sums[k] = self.sums.get(k, 0) + v.float()
+            self.counts[k] = self.counts.get(k, 0) + 1
         finite = torch.isfinite(losses["loss"])
         self.bad_step = torch.where((self.bad_step < 0) & ~finite, torch.tensor(step, device=self.device), self.bad_step)
-        self.count += 1
         self.steps_since += 1
 
     def raise_if_nonfinite(self) -> None:
-        bad = int(dist.all_reduce_max(float(self.bad_step.item())))
-        if bad >= 0:
-            raise TrainingError(f"non-finite loss at step {bad}; stopping. The last good checkpoint is kept; "
-                                "lower lr, check the data, or use precision=fp32 to investigate.")
+        bad = self.bad_step.clone()
+        if torch.distributed.is_initialized():  # on the device: nccl cannot reduce CPU tensors
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        bad = int(bad.item())
+        if bad >= 0:  # bad is the 0-based step index; logs and checkpoints count completed steps
+            raise TrainingError(f"non-finite loss at step {bad + 1}; stopping. The last good checkpoint (step <= {bad}) "
+                                "is kept; lower lr, check the data, or use precision=fp32 to investigate.")
 
     def flush(self, step: int, phase: Phase, global_batch: int) -> dict[str, Any]:
         self.raise_if_nonfinite()
-        means = {k: v / max(1, self.count) for k, v in self.sums.items()}
-        if torch.distributed.is_initialized():
+        means = {k: v / self.counts[k] for k, v in self.sums.items()}
+        if torch.distributed.is_initialized():  # SUM / world: gloo has no ReduceOp.AVG
+            world = torch.distributed.get_world_size()
             for v in means.values():
-                torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.AVG)
+                torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.SUM)
+                v.div_(world)
         dt = time.perf_counter() - self.t0
         record = {"step": step, "phase": phase.name, **{k: round(float(v), 6) for k, v in means.items()},
                   "samples_per_s": round(global_batch * self.steps_since / max(dt, 1e-9), 2),
@@ -184,7 +194,7 @@ class _Meter:
         log.info("step %7d | phase %-7s | %s | %.1f samples/s | mem %.2f GB", step, phase.name,
                  " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "denoise", "feat", "attn") if k in record),
                  record["samples_per_s"], record["mem_gb"])
-        self.sums, self.count, self.t0, self.steps_since = {}, 0, time.perf_counter(), 0
+        self.sums, self.counts, self.t0, self.steps_since = {}, {}, time.perf_counter(), 0
         return record
 
 
