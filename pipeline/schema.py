@@ -98,6 +98,7 @@ class AttnCodec:
     member_shapes: Callable[[TeacherSpec], dict[str, tuple[int, ...]]]
     encode: Callable[[np.ndarray, np.ndarray, float], dict[str, np.ndarray]]
     decode: Callable[[Mapping[str, torch.Tensor], float], torch.Tensor]
+    qk_dtype: str = "float32"  # precision ``encode`` needs q, k in (the writer casts on the device)
 
 
 def _qk_shapes(s: TeacherSpec) -> dict[str, tuple[int, ...]]:
@@ -111,14 +112,14 @@ def _logit_shapes(s: TeacherSpec) -> dict[str, tuple[int, ...]]:
 
 def _qk_codec(dtype: str) -> AttnCodec:
     def encode(q: np.ndarray, k: np.ndarray, scale: float) -> dict[str, np.ndarray]:
-        return {"q": q.astype(dtype), "k": k.astype(dtype)}
+        return {"q": q.astype(dtype, copy=False), "k": k.astype(dtype, copy=False)}
 
     def decode(arrays: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
         # Same order of operations as timm's unfused attention: (q * scale) @ k^T, in fp32.
         q, k = arrays["q"].float(), arrays["k"].float()
         return (q * scale) @ k.transpose(-1, -2)
 
-    return AttnCodec(f"qk-{_short(dtype)}", dtype, _qk_shapes, encode, decode)
+    return AttnCodec(f"qk-{_short(dtype)}", dtype, _qk_shapes, encode, decode, qk_dtype=dtype)
 
 
 def _logits_codec(dtype: str) -> AttnCodec:
@@ -194,7 +195,7 @@ def encode_latent_sample(spec: LatentSpec, label: int, moments: np.ndarray) -> d
     """One latents-group sample: member extension -> bytes."""
     if tuple(moments.shape) != spec.moments_shape:
         raise CacheFormatError(f"moments shape {moments.shape} != {spec.moments_shape}")
-    return {"moments.npy": npy_bytes(moments.astype(spec.dtype)), "cls": str(int(label)).encode()}
+    return {"moments.npy": npy_bytes(moments.astype(spec.dtype, copy=False)), "cls": str(int(label)).encode()}
 
 
 def encode_teacher_sample(spec: TeacherSpec, feat: np.ndarray, q: np.ndarray, k: np.ndarray) -> dict[str, bytes]:
@@ -204,7 +205,7 @@ def encode_teacher_sample(spec: TeacherSpec, feat: np.ndarray, q: np.ndarray, k:
         raise CacheFormatError(f"teacher features shape {feat.shape} != {(spec.num_tokens, spec.embed_dim)}")
     if get_codec(spec.codec).name != "none" and (tuple(q.shape) != expect_qk or tuple(k.shape) != expect_qk):
         raise CacheFormatError(f"teacher q/k shape {q.shape}/{k.shape} != {expect_qk}")
-    out = {"feat.npy": npy_bytes(feat.astype(spec.feat_dtype))}
+    out = {"feat.npy": npy_bytes(feat.astype(spec.feat_dtype, copy=False))}
     for name, arr in get_codec(spec.codec).encode(q, k, spec.scale).items():
         out[f"{name}.npy"] = npy_bytes(arr)
     return out

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.dist import DistInfo, barrier
 from pipeline.images import SkipImage
-from pipeline.schema import LATENTS, encode_latent_sample, encode_teacher_sample
+from pipeline.schema import LATENTS, encode_latent_sample, encode_teacher_sample, get_codec
 from pipeline.shards import ShardWriter, atomic_write_json, shard_name
 from pipeline.sources import Source
 from pipeline.teacher import load_teacher
@@ -70,18 +70,19 @@ def _collate(batch: list[Loaded]) -> list[Loaded]:
 
 
 class _ShardSink:
-    """Per-group open shard writers; all calls run on the single writer thread, in order."""
+    """One group's open shard writers. Its calls run on the group's own writer thread, in order,
+    so per-sample encoding, hashing and disk writes overlap the next batch's model compute."""
 
-    def __init__(self, plan):
-        self.plan = plan
+    def __init__(self, plan, encode):
+        self.plan, self.encode = plan, encode
         self.writers: dict[int, ShardWriter] = {}
         self.skipped: dict[int, list[tuple[str, str]]] = {}
 
-    def add(self, shard: int, samples: list[tuple[str, dict[str, bytes]]], skipped: list[tuple[str, str]]) -> None:
+    def add(self, shard: int, keys: list[str], arrays: tuple[np.ndarray, ...], skipped: list[tuple[str, str]]) -> None:
         w = self.writers.get(shard) or self.writers.setdefault(
             shard, ShardWriter(self.plan.dir / shard_name(shard), shard))
-        for key, members in samples:
-            w.add(key, members)
+        for i, key in enumerate(keys):
+            w.add(key, self.encode(*(a[i] for a in arrays)))
         self.skipped.setdefault(shard, []).extend(skipped)
 
     def commit(self, shard: int) -> None:
@@ -92,6 +93,13 @@ class _ShardSink:
     def abort(self) -> None:
         for w in self.writers.values():
             w.abort()
+
+
+def _sink(plan) -> _ShardSink:
+    spec = plan.spec
+    if plan.kind == LATENTS:
+        return _ShardSink(plan, lambda label, m: encode_latent_sample(spec, int(label), m))
+    return _ShardSink(plan, lambda f, q, k: encode_teacher_sample(spec, f, q, k))
 
 
 def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int) -> None:
@@ -105,7 +113,7 @@ def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int
         return
     log.info("rank %d: %d shard(s) to write (%d in total are missing)", d.rank, len(todo), len(set().union(*need.values())))
     models = _load_models(cfg, d, plans)
-    sinks = {p.kind: _ShardSink(p) for p in plans}
+    sinks = {p.kind: _sink(p) for p in plans}
     specs = {p.kind: p.spec for p in plans}
     entries = [(s, i) for s in todo for i in range(s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(source.items)))]
     loader = DataLoader(ItemDataset(source, entries, cfg.resolution, cfg.max_pixels),
@@ -114,28 +122,32 @@ def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int
     last_of = {sh: i for i, (sh, _) in enumerate(entries)}  # position of each shard's last item
     pending: list[Future] = []
     pos = 0
-    with ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=len(entries), unit="img", disable=not d.is_main, desc="preprocess") as bar:
+    pools = {kind: ThreadPoolExecutor(max_workers=1) for kind in sinks}
+    with tqdm(total=len(entries), unit="img", disable=not d.is_main, desc="preprocess") as bar:
         try:
             for batch in loader:
                 shard = batch[0].shard
                 work = _compute(cfg, models, batch, need, specs, shard)
-                for kind, (samples, skipped) in work.items():
-                    pending.append(pool.submit(sinks[kind].add, shard, samples, skipped))
+                for kind, (keys, arrays, skipped) in work.items():
+                    pending.append(pools[kind].submit(sinks[kind].add, shard, keys, arrays, skipped))
                 pos += len(batch)
                 if pos - 1 == last_of[shard]:
                     for kind in work:
-                        pending.append(pool.submit(sinks[kind].commit, shard))
-                pending = _drain(pending, keep=4)
+                        pending.append(pools[kind].submit(sinks[kind].commit, shard))
+                pending = _drain(pending, keep=4 * len(pools))
                 bar.update(len(batch))
             _drain(pending, keep=0)
         except BaseException:
             for f in pending:
                 f.cancel()
-            pool.shutdown(wait=True)
+            for pool in pools.values():
+                pool.shutdown(wait=True)
             for sink in sinks.values():
                 sink.abort()
             raise
+        finally:
+            for pool in pools.values():
+                pool.shutdown(wait=True)
 
 
 def _drain(futures: list[Future], keep: int) -> list[Future]:
@@ -166,25 +178,34 @@ def _load_models(cfg, d: DistInfo, plans: list) -> dict:
 
 @torch.no_grad()
 def _compute(cfg, models: dict, batch: list[Loaded], need: dict[str, list[int]], specs: dict, shard: int) -> dict:
-    """Run the models that this shard needs; return {kind: (samples, skipped)} to write."""
+    """Run the models this shard needs: {kind: (keys, arrays in stored dtypes, skipped)} to write.
+
+    Casting to the stored dtypes happens on the device (same IEEE rounding as numpy), which
+    halves the device-to-host copy and leaves the writer threads only serialisation.
+    """
     ok = [b for b in batch if b.image is not None]
     skipped = [(b.key, b.reason) for b in batch if b.image is None]
     for key, reason in skipped:
         log.warning("skipping input %s: %s", key, reason)
+    keys = [b.key for b in ok]
     images = torch.from_numpy(np.stack([b.image for b in ok])).permute(0, 3, 1, 2) if ok else None
-    out: dict[str, tuple[list, list]] = {}
+    out: dict[str, tuple[list, tuple, list]] = {}
     if shard in need.get(LATENTS, []):
-        samples = []
+        arrays: tuple = ()
         if images is not None:
-            moments = encode_moments(models["vae"], images, cfg.vae_precision).cpu().numpy()
-            samples = [(b.key, encode_latent_sample(specs[LATENTS], b.label, m)) for b, m in zip(ok, moments)]
-        out[LATENTS] = (samples, skipped)
-    teacher_kinds = [k for k in need if k != LATENTS and shard in need[k]]
-    for kind in teacher_kinds:
-        samples = []
+            moments = encode_moments(models["vae"], images, cfg.vae_precision)
+            arrays = (np.array([b.label for b in ok]), _host(moments, specs[LATENTS].dtype))
+        out[LATENTS] = (keys, arrays, skipped)
+    for kind in [k for k in need if k != LATENTS and shard in need[k]]:
+        arrays = ()
         if images is not None:
+            spec = specs[kind]
             t = models["teacher"](images, cfg.teacher_precision)
-            feat, q, k = (x.cpu().numpy() for x in (t.feat, t.q, t.k))
-            samples = [(b.key, encode_teacher_sample(specs[kind], feat[i], q[i], k[i])) for i, b in enumerate(ok)]
-        out[kind] = (samples, skipped)
+            qk = get_codec(spec.codec).qk_dtype
+            arrays = (_host(t.feat, spec.feat_dtype), _host(t.q, qk), _host(t.k, qk))
+        out[kind] = (keys, arrays, skipped)
     return out
+
+
+def _host(x: torch.Tensor, dtype: str) -> np.ndarray:
+    return x.to(getattr(torch, dtype)).cpu().numpy()
