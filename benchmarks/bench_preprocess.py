@@ -60,7 +60,7 @@ def main() -> None:
         "teacher": lambda: teacher(batch, args.precision),
     }, reps=args.reps, warmup=1, device=device)
     bare_s = bare["vae"] + bare["teacher"]
-    del vae, teacher
+
 
     with tempfile.TemporaryDirectory() as tmp:
         n1, n2 = args.images

@@ -34,8 +34,15 @@ from pipeline.synth import synth_image  # noqa: E402
 from pipeline.teacher import load_teacher  # noqa: E402
 from stages.preprocess import PreprocessConfig, run  # noqa: E402
 from trainer.config import load_train_config  # noqa: E402
-from trainer.engine import (autocast, build_model, build_optimizer, prepare_inputs, setup_numerics,  # noqa: E402
-                            train_step, wrap)
+from trainer.engine import (  # noqa: E402
+    autocast,
+    build_model,
+    build_optimizer,
+    prepare_inputs,
+    setup_numerics,
+    train_step,
+    wrap,
+)
 from trainer.model import SIT_PRESETS  # noqa: E402
 from trainer.objectives import attention_alignment_loss, repa_loss  # noqa: E402
 from trainer.phases import Phase, build_phases  # noqa: E402

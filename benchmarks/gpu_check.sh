@@ -14,6 +14,7 @@ python3 -c "import torch, timm, diffusers, webdataset; print('torch', torch.__ve
 python3 benchmarks/bench_train.py --device cuda --model SiT-XL/2 --batch 32 --reps 10 --loader-samples 256 --out "$OUT/train-cuda-xl2.json"
 python3 benchmarks/bench_train.py --device cuda --model SiT-B/2 --batch 64 --reps 10 --loader-samples 256 --out "$OUT/train-cuda-b2.json"
 python3 benchmarks/bench_preprocess.py --device cuda --images 128 384 --batch 64 --workers 8 --precision bf16 --out "$OUT/preprocess-cuda.json"
+[ "${SMOKE:-1}" = 1 ] || exit 0
 python3 -m stages.cli preprocess --config configs/demo.yaml --set out=/tmp/democache --set device=cuda > /dev/null \
   && python3 -m stages.cli train --config configs/demo.yaml --set data.cache=/tmp/democache --set run_dir=/tmp/demorun \
      --set device=cuda --set precision=bf16 --set total_steps=80 --set align.stop_step=40 2>&1 | grep -E "phase|Error" | tail -6

@@ -17,8 +17,16 @@ import torch
 from pipeline import weights
 from pipeline.cache import index_shard, read_sample
 from pipeline.groups import group_dir, read_index
-from pipeline.schema import (LATENTS, TEACHER, CacheFormatError, GroupManifest, TeacherSpec, decode_members,
-                             get_codec, read_manifest)
+from pipeline.schema import (
+    LATENTS,
+    TEACHER,
+    CacheFormatError,
+    GroupManifest,
+    TeacherSpec,
+    decode_members,
+    get_codec,
+    read_manifest,
+)
 from pipeline.shards import file_sha256
 from pipeline.sources import SourceError, open_source
 

@@ -21,8 +21,17 @@ import torch
 from pipeline import dist, groups, weights
 from pipeline.configs import check, to_dict
 from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.schema import (LATENTS, SCHEMA_VERSION, TEACHER, GroupManifest, LatentSpec, ShardRecord,
-                             TeacherSpec, bytes_per_sample, get_codec)
+from pipeline.schema import (
+    LATENTS,
+    SCHEMA_VERSION,
+    TEACHER,
+    GroupManifest,
+    LatentSpec,
+    ShardRecord,
+    TeacherSpec,
+    bytes_per_sample,
+    get_codec,
+)
 from pipeline.shards import atomic_write_json, shard_name, shard_ok
 from pipeline.sources import Source, open_source
 from pipeline.teacher import DEFAULT_ARCH, DEFAULT_TEACHER, RANDOM_PRESETS, Teacher, teacher_input_size

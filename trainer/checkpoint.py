@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,15 @@ def ckpt_dir(run_dir: str | Path) -> Path:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # killed or failed mid-write: no half file left behind (it never counts anyway)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save(run_dir: str | Path, step: int, payload: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
@@ -66,7 +71,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
-        except (RuntimeError, OSError, EOFError) as e:
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
             raise RuntimeError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 

@@ -17,8 +17,14 @@ from pipeline.dist import DistInfo
 from pipeline.vae import sample_latents
 from trainer.config import TrainConfig
 from trainer.model import SiT
-from trainer.objectives import (attention_alignment_loss, flow_matching_loss, interpolate, repa_loss,
-                                sample_time, total_loss)
+from trainer.objectives import (
+    attention_alignment_loss,
+    flow_matching_loss,
+    interpolate,
+    repa_loss,
+    sample_time,
+    total_loss,
+)
 from trainer.phases import Phase
 
 log = logging.getLogger(__name__)
