@@ -6,6 +6,7 @@ uninterrupted reference run; tests that change a cache work on a copy or a fresh
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -227,6 +228,7 @@ def test_kill_and_rerun_gives_identical_shards(demo_cache, tmp_path):
     assert temp_files(out) == []
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_crash_then_corrupt_shard_is_detected_and_rewritten(demo_cache, tmp_path, monkeypatch, caplog):
     out = tmp_path / "c"
     original = preprocess_engine._ShardSink.commit
@@ -242,6 +244,7 @@ def test_crash_then_corrupt_shard_is_detected_and_rewritten(demo_cache, tmp_path
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tiny_preprocess_config(out))
     monkeypatch.setattr(preprocess_engine._ShardSink, "commit", original)
+    gc.collect()  # an aborted writer must not leave a tar stream that flushes into a closed file at GC
     assert temp_files(out) == []                       # the error path removes partial files
     assert not list(out.glob("*/*/manifest.json"))
     ref = shard_hashes(demo_cache)

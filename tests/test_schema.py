@@ -12,9 +12,23 @@ import torch
 from webdataset.tariterators import base_plus_ext
 
 from pipeline import schema
-from pipeline.schema import (CODECS, LATENTS, TEACHER, CacheFormatError, LatentSpec, TeacherSpec, bytes_per_sample,
-                             decode_members, encode_latent_sample, encode_teacher_sample, fields, get_codec,
-                             member_name, npy_bytes, sample_key)
+from pipeline.schema import (
+    CODECS,
+    LATENTS,
+    TEACHER,
+    CacheFormatError,
+    LatentSpec,
+    TeacherSpec,
+    bytes_per_sample,
+    decode_members,
+    encode_latent_sample,
+    encode_teacher_sample,
+    fields,
+    get_codec,
+    member_name,
+    npy_bytes,
+    sample_key,
+)
 from pipeline.shards import ShardWriter, iter_samples
 
 WHERE = "shard-000003.tar:class_001/img_000042"

@@ -154,6 +154,7 @@ def test_hub_id_offline_with_empty_cache_fails_fast(empty_hf_cache, what):
     assert "\n" not in msg
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 def test_hub_id_resolves_from_local_cache_offline(empty_hf_cache, tiny_vae):
     """A hub id whose snapshot is in the HF cache loads offline, and the cache key records its revision."""
     vae, ident = tiny_vae

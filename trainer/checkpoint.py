@@ -72,7 +72,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-            raise RuntimeError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            why = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0])  # not torch's advice
+            raise RuntimeError(f"cannot load checkpoint {path}: {why}") from None
 
 
 def load_meta(path: Path) -> dict[str, Any]:
