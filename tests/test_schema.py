@@ -249,10 +249,10 @@ def test_bytes_per_sample_matches_written_tar(tmp_path, kind, spec):
         else:
             assert m.size == bps[f"field:{ext}"], m.name
     assert bps["payload"] == sum(v for k, v in bps.items() if k.startswith("field:"))
-    # Tar footprint: n samples at bps["tar"] each, then the end-of-archive blocks, padded to a record.
+    # Tar footprint: n samples at bps["tar"] each, then the two end-of-archive blocks.
     size = (tmp_path / "s.tar").stat().st_size
     assert rec.bytes == size
-    assert size == -(-(n * bps["tar"] + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+    assert size == n * bps["tar"] + 2 * tarfile.BLOCKSIZE
     # and every sample decodes with the schema
     assert [k for k, _ in iter_samples(tmp_path / "s.tar")] == [f"n0144/img_{i:04d}" for i in range(n)]
     for key, mem in iter_samples(tmp_path / "s.tar"):
