@@ -1,9 +1,10 @@
 """Helper for test_preprocess: run the tiny preprocess and SIGKILL this process mid-shard.
 
-    python tests/_preprocess_killed.py OUT KILL_AFTER_ADDS [key=value ...]
+    python tests/_preprocess_killed.py OUT KILL_AFTER [key=value ...]
 
 ``ShardWriter.add`` is wrapped so that the process kills itself (no cleanup, no finally blocks)
-right after its KILL_AFTER_ADDS-th sample, i.e. while a shard is half written. Nothing in the
+right after the KILL_AFTER-th sample written to the teacher group, i.e. while a teacher shard
+is half written (the latents writer is wherever its own thread got to). Nothing in the
 pipeline is aware of this: it is the same as a ``kill -9`` at that moment.
 """
 
@@ -13,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,14 +29,18 @@ def main() -> None:
     out, kill_after = sys.argv[1], int(sys.argv[2])
     overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
     original = shards.ShardWriter.add
+    lock = threading.Lock()
     count = 0
 
     def add(self, key, members):
         nonlocal count
         original(self, key, members)
-        count += 1
-        if count == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.path.parent.parent.name != "teacher":
+            return
+        with lock:  # writer threads may run concurrently; count teacher samples only
+            count += 1
+            if count == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     shards.ShardWriter.add = add
     run(tiny_preprocess_config(Path(out), **overrides))

@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from trainutil import Killed, assert_tree_equal, ckpt_steps, kill_at, load_ckpt, loss_records, overrides, tiny_cfg
+from trainutil import (
+    Killed,
+    assert_tree_equal,
+    ckpt_steps,
+    kill_at,
+    load_ckpt,
+    loss_records,
+    overrides,
+    single_thread,
+    tiny_cfg,
+)
 
 import trainer.checkpoint
 import trainer.loop
@@ -21,6 +31,12 @@ from stages.cli import main as cli
 from trainer import checkpoint
 from trainer.loop import TrainingError, train
 from trainer.model import ModelConfig, SiT
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +58,8 @@ def _assert_same_final_state(a: Path, b: Path, step: int) -> None:
     eb = torch.load(b / "checkpoints" / f"ema-{step:07d}.pt", weights_only=True)
     assert_tree_equal(ea, eb, "ema export")
     assert loss_records(a) == loss_records(b)
+    png = f"samples/step-{step:07d}.png"                  # EMA preview from fixed noise and labels
+    assert (a / png).read_bytes() == (b / png).read_bytes()
 
 
 @pytest.mark.slow
@@ -50,7 +68,8 @@ def _assert_same_final_state(a: Path, b: Path, step: int) -> None:
     ({"align.stop_step": 3}, 5, "II"),                                    # resume exactly at tau, in Phase II
     ({"align.stop_step": 5}, 4, "I"),                                     # resumed run crosses tau
     ({"align.stop_step": 5, "grad_accum": 2, "data.num_workers": 2}, 4, "I"),
-], ids=["phase1", "resume-at-tau", "cross-tau-after-resume", "accum2-workers2"])
+    ({"align.stop_step": 5, "data.num_workers": 2}, 4, "I"),              # resumed loader starts at worker 1
+], ids=["phase1", "resume-at-tau", "cross-tau-after-resume", "accum2-workers2", "workers2-odd-batch"])
 def test_kill_and_rerun_is_bitwise_identical(demo_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              changes: dict, kill: int, resumed_phase: str) -> None:
     """N = 6 steps straight == run killed at step index ``kill`` (after the step-3 checkpoint and some

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainutil import load_ckpt, stats, tiny_cfg
+from trainutil import load_ckpt, single_thread, stats, tiny_cfg
 
 import trainer.engine
 from pipeline.cache import CacheMismatchError
@@ -18,6 +18,12 @@ from trainer.phases import build_phases, phase_at
 
 # ----------------------------------------------------------------------------------------------
 # Pure phase logic
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.mark.parametrize("tau", [1, 3, 250_000])

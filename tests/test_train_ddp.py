@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainutil import ckpt_steps, load_ckpt, loss_records, overrides, tiny_cfg
+from trainutil import ckpt_steps, load_ckpt, loss_records, overrides, single_thread, tiny_cfg
 
 import trainer.loop
 from trainer.loop import train
@@ -23,6 +23,12 @@ from trainer.loop import train
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 COMMON = {"total_steps": 4, "align.stop_step": 2, "ckpt_every": 4, "log_every": 2, "global_batch_size": 8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.mark.slow

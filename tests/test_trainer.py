@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from trainutil import ckpt_steps, copy_cache, load_ckpt, overrides, stats, tiny_cfg
+from trainutil import ckpt_steps, copy_cache, load_ckpt, overrides, single_thread, stats, tiny_cfg
 
 import pipeline.dist
 import pipeline.loader
@@ -25,6 +25,12 @@ from pipeline.dist import DistInfo
 from stages.cli import main as cli
 from trainer.loop import TrainingError, train
 from trainer.model import ModelConfig, SiT
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
 
 
 def invoke(*args: str):

@@ -6,6 +6,7 @@ The tiny model fits the ``demo_cache`` fixture: 8x8x4 latents, 16 tokens (patch 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -98,3 +99,14 @@ def kill_at(monkeypatch, step_index: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer.loop, "train_step", dying)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Tiny models run several times faster on one intra-op thread than on two (far more on a busy box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
