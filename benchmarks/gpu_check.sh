@@ -2,13 +2,7 @@
 # One-shot device script (see README "Benchmarks"): GPU benchmarks + a CUDA smoke run of the demo.
 # Expects pure-python wheels for the packages the device image lacks under .whl/.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, timm, diffusers, webdataset; print('torch', torch.__version__, 'timm', timm.__version__, 'diffusers', diffusers.__version__)"
 python3 benchmarks/bench_train.py --device cuda --model SiT-XL/2 --batch 32 --reps 10 --loader-samples 256 --out "$OUT/train-cuda-xl2.json"

@@ -2,12 +2,7 @@
 # Device check: preprocess benchmark, then a CUDA bf16 train that is resumed across tau, compared
 # with an uninterrupted run (CUDA RNG state, pinned memory, on-device NaN reduction exercised).
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-OUT=${OUT:-benchmarks/results}
+source "$(dirname "$0")/device_env.sh"
 python3 benchmarks/bench_preprocess.py --device cuda --images 128 384 --batch 64 --workers 8 --precision bf16 --out "$OUT/preprocess-cuda.json"
 python3 -m stages.cli preprocess --config configs/demo.yaml --set out=/tmp/dc --set device=cuda > /dev/null 2>&1 || exit 1
 A="--config configs/demo.yaml --set data.cache=/tmp/dc --set device=cuda --set precision=bf16 --set align.stop_step=20 --set ckpt_every=10 --set log_every=10 --set sample_every=1000"

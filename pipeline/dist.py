@@ -59,23 +59,6 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
-def all_gather_object(obj: object) -> list[object]:
-    """Every rank's ``obj`` (JSON-like data only); a one-element list without torchrun."""
-    if not torch_dist.is_initialized():
-        return [obj]
-    out: list[object] = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
-def all_reduce_max(value: float) -> float:
-    if not torch_dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def shutdown() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

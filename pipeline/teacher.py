@@ -124,11 +124,9 @@ def load_teacher(name: str = DEFAULT_TEACHER, *, arch: str = DEFAULT_ARCH, layer
     size = teacher_input_size(resolution)
     ref = weights.parse(name)
     if ref.kind == "random":
-        if ref.preset not in RANDOM_PRESETS:
-            raise weights.WeightsError(f"unknown random teacher preset {ref.preset!r} (known: {list(RANDOM_PRESETS)})")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = timm.create_model(arch, pretrained=False, img_size=size, **RANDOM_PRESETS[ref.preset])
+        model = weights.build_random(
+            ref, RANDOM_PRESETS, seed, lambda **kw: timm.create_model(arch, pretrained=False, img_size=size, **kw),
+            "teacher")
     else:
         model = _load_pretrained(timm, ref, arch, size)
     model = model.to(device)

@@ -39,11 +39,7 @@ def load_vae(name: str = DEFAULT_VAE, *, seed: int = 0, device: torch.device | s
 
     ref = weights.parse(name)
     if ref.kind == "random":
-        if ref.preset not in RANDOM_PRESETS:
-            raise weights.WeightsError(f"unknown random VAE preset {ref.preset!r} (known: {list(RANDOM_PRESETS)})")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            vae = AutoencoderKL(**RANDOM_PRESETS[ref.preset])
+        vae = weights.build_random(ref, RANDOM_PRESETS, seed, AutoencoderKL, "VAE")
     else:
         local_only = ref.kind == "local" or weights.require_hub(name, "VAE")
         src = str(ref.path) if ref.kind == "local" else name

@@ -132,3 +132,12 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def build_random(ref: WeightsRef, presets: dict, seed: int, build, what: str) -> torch.nn.Module:
+    """Seeded random init of a named preset; the global RNG is left untouched."""
+    if ref.preset not in presets:
+        raise WeightsError(f"unknown random {what} preset {ref.preset!r} (known: {list(presets)})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(**presets[ref.preset])
