@@ -10,7 +10,7 @@ BIN     := $(VENV)/bin
 HASTE   := $(BIN)/haste
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install test test-all lint preprocess train eval demo bench bench-preprocess bench-train clean
+.PHONY: help install test test-fast lint preprocess verify train demo bench bench-preprocess bench-train clean
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,6 +36,9 @@ lint: $(STAMP)  ## ruff
 preprocess: $(STAMP)  ## build the cache: CONFIG, CACHE, ARGS
 	$(HASTE) preprocess --config $(CONFIG) --set out=$(CACHE) $(ARGS)
 	$(HASTE) cache info $(CACHE)
+
+verify: $(STAMP)  ## sha256 + decode + fresh-model check of the cache: CACHE
+	$(HASTE) cache verify $(CACHE)
 
 train: $(STAMP)  ## train on the cache: CONFIG, CACHE, RUN, ARGS (rerun to resume)
 	$(HASTE) train --config $(CONFIG) --set data.cache=$(CACHE) --set run_dir=$(RUN) $(ARGS)

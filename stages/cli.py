@@ -43,7 +43,17 @@ def run_guarded(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except EXPECTED_ERRORS as e:
-        raise ActionableError(f"{type(e).__name__}: {e}") from None
+        raise ActionableError(f"{type(e).__name__}: {_message(e)}") from None
+
+
+def _message(e: Exception) -> str:
+    """The error's own message; a DataLoader worker's re-raise embeds the worker traceback,
+    of which only the last line (the original exception) is kept."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,

@@ -517,3 +517,16 @@ def test_verify_detects_wrong_values_with_right_hashes(demo_cache, tmp_path, res
 
 def test_env_is_offline():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_cli_error_from_a_dataloader_worker_is_one_line():
+    """A worker's re-raised exception embeds its traceback; the CLI keeps only the original line."""
+    from pipeline.schema import CacheFormatError
+    from stages.cli import _message
+
+    wrapped = CacheFormatError(
+        "Caught CacheFormatError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    raise CacheFormatError("shard missing: /c/s.tar")\n'
+        "pipeline.schema.CacheFormatError: shard missing: /c/s.tar\n")
+    assert _message(wrapped) == "shard missing: /c/s.tar"
+    assert _message(ValueError("plain message")) == "plain message"
