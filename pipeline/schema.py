@@ -180,15 +180,33 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def load_npy(data: bytes, *, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A plain .npy payload as a read-only view of ``data`` (no copy): the loader's batch
+    stacking is then the only copy of the ~3.5 MB teacher record. Pickles, object dtypes,
+    Fortran order and .npz archives are refused."""
+    fp = io.BytesIO(data)
     try:
-        # The .npy reader itself (not np.load): refuses pickles, object arrays and .npz archives,
-        # and reports empty/truncated data as ValueError instead of EOFError/BadZipFile.
-        arr = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-    except ValueError as e:  # includes "Object arrays cannot be loaded when allow_pickle=False"
+        version = np.lib.format.read_magic(fp)
+        header = _npy_header(fp, version)
+    except ValueError as e:
         raise CacheFormatError(f"{where}: not a plain .npy array ({e})") from None
-    if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
-        raise CacheFormatError(f"{where}: expected {dtype} {tuple(shape)}, found {arr.dtype} {arr.shape}")
-    return arr
+    found_shape, fortran, found_dtype = header
+    if found_dtype.hasobject or fortran:
+        raise CacheFormatError(f"{where}: not a plain .npy array (object dtype or Fortran order)")
+    if found_dtype != np.dtype(dtype) or tuple(found_shape) != tuple(shape):
+        raise CacheFormatError(f"{where}: expected {dtype} {tuple(shape)}, found {found_dtype} {tuple(found_shape)}")
+    offset = fp.tell()
+    count = int(np.prod(found_shape))
+    if len(data) - offset != count * found_dtype.itemsize:
+        raise CacheFormatError(f"{where}: truncated .npy payload ({len(data) - offset} bytes for {count} items)")
+    return np.frombuffer(data, dtype=found_dtype, count=count, offset=offset).reshape(found_shape)
+
+
+def _npy_header(fp: io.BytesIO, version: tuple[int, int]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fp)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fp)
+    raise ValueError(f"unsupported .npy version {version}")
 
 
 def encode_latent_sample(spec: LatentSpec, label: int, moments: np.ndarray) -> dict[str, bytes]:
