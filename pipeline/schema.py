@@ -231,7 +231,10 @@ def encode_teacher_sample(spec: TeacherSpec, feat: np.ndarray, q: np.ndarray, k:
 
 def decode_members(kind: str, spec: LatentSpec | TeacherSpec, members: Mapping[str, bytes],
                    where: str) -> dict[str, Any]:
-    """Raw tar members of one sample -> numpy arrays (and ``label`` for latents). Never unpickles."""
+    """Raw tar members of one sample -> numpy arrays (and ``label`` for latents). Never unpickles.
+
+    Arrays are read-only views of the member bytes; stack or copy them before writing.
+    """
     expected = fields(kind, spec)
     missing = sorted(set(expected) - set(members))
     extra = sorted(set(members) - set(expected))

@@ -174,8 +174,9 @@ def test_codec_change_reuses_latents(demo_cache, tmp_path, monkeypatch):
     import torch
     new = decode_members(TEACHER, c.teacher.spec, read_sample(p_new, e_new), "new")
     olds = decode_members(TEACHER, ref.teacher.spec, read_sample(p_old, e_old), "old")
-    l_new = c.teacher_logits({"logits": torch.from_numpy(new["logits"])})
-    l_old = ref.teacher_logits({"q": torch.from_numpy(olds["q"]), "k": torch.from_numpy(olds["k"])})
+    # decoded arrays are read-only views of the shard bytes: copy before handing them to torch
+    l_new = c.teacher_logits({"logits": torch.tensor(new["logits"])})
+    l_old = ref.teacher_logits({"q": torch.tensor(olds["q"]), "k": torch.tensor(olds["k"])})
     torch.testing.assert_close(l_new, l_old, rtol=0, atol=2e-3 * float(l_old.abs().max()))
 
 
