@@ -60,5 +60,7 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Destroy the process group after a successful stage (the CLI calls it). Exiting without it can
+    abort at interpreter teardown: gloo worker threads still hold tensors (SIGABRT, "terminate called")."""
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

@@ -27,11 +27,15 @@ def shard_name(index: int) -> str:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed write (disk full, interrupt) leaves the old file and no temp file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

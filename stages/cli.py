@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from pipeline import configs
+from pipeline import configs, dist
 
 log = logging.getLogger("haste")
 
@@ -79,6 +79,7 @@ def preprocess(config_path: str | None, overrides: tuple[str, ...], dry_run: boo
 
     cfg = run_guarded(configs.load, PreprocessConfig, config_path, overrides, section="preprocess")
     result = run_guarded(run, cfg, dry_run=dry_run)
+    dist.shutdown()
     if dry_run or int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps(result, indent=2))
 
@@ -99,6 +100,7 @@ def train(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) ->
     from stages.train import run
 
     result = run_guarded(run, cfg)
+    dist.shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps(result))
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.dist import DistInfo, barrier
+from pipeline.dist import DistInfo
 from pipeline.images import SkipImage
 from pipeline.schema import LATENTS, encode_latent_sample, encode_teacher_sample, get_codec
 from pipeline.shards import ShardWriter, atomic_write_json, shard_name
@@ -106,9 +106,13 @@ def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int
     """Write this rank's share of the shards that some pending group still lacks."""
     from stages.preprocess import done_record
 
-    need = {p.kind: [s for s in range(num_shards) if done_record(p, s, cfg.resume_verify) is None] for p in plans}
+    # Each rank verifies (sha256 by default) only its share of the earlier shards, then all ranks
+    # share the verdicts: a resumed N-rank run reads the finished part of the cache once, not N times.
+    mine = range(d.rank, num_shards, d.world_size)
+    checked = {p.kind: [s for s in mine if done_record(p, s, cfg.resume_verify) is None] for p in plans}
+    log.info("rank %d: checked %d of %d earlier shard(s)", d.rank, len(mine), num_shards)
+    need = _union_over_ranks(checked, d)  # a collective: every rank sees the same `need` before any writes
     todo = sorted(set().union(*need.values()))[d.rank::d.world_size]
-    barrier()  # every rank must see the same `need` before any rank writes a shard
     if not todo:
         return
     log.info("rank %d: %d shard(s) to write (%d in total are missing)", d.rank, len(todo), len(set().union(*need.values())))
@@ -148,6 +152,14 @@ def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int
         finally:
             for pool in pools.values():
                 pool.shutdown(wait=True)
+
+
+def _union_over_ranks(local: dict[str, list[int]], d: DistInfo) -> dict[str, list[int]]:
+    if not d.distributed:
+        return local
+    parts: list = [None] * d.world_size
+    torch.distributed.all_gather_object(parts, local)
+    return {kind: sorted(s for part in parts for s in part[kind]) for kind in local}
 
 
 def _drain(futures: list[Future], keep: int) -> list[Future]:

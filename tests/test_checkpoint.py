@@ -281,3 +281,37 @@ def test_official_format_loads(tmp_path: Path) -> None:
     torch.save({"steps": 1}, buf)
     with pytest.raises(RuntimeError, match="neither 'ema' nor 'model'"):
         checkpoint.model_state_for_inference({"steps": 1})
+
+
+@pytest.mark.parametrize("saved_states, device_index, expect", [
+    (["s0"], 3, "s0"),                    # new format: this rank's device state only
+    (["s0", "s1", "s2", "s3"], 2, "s2"),  # older all-devices format, same node
+    (["s0", "s1"], 5, "s0"),              # older format from a node with fewer GPUs than this one
+    ([f"s{i}" for i in range(8)], 1, "s1"),  # 8-GPU node resumed on a 2-GPU node: no IndexError
+])
+def test_restore_sets_only_this_ranks_cuda_rng(monkeypatch: pytest.MonkeyPatch, saved_states: list[str],
+                                               device_index: int, expect: str) -> None:
+    """Resuming on a node with a different GPU count must not index devices that do not exist
+    (``set_rng_state_all`` with the saving node's list raised IndexError there)."""
+    from pipeline.dist import DistInfo
+
+    class _State:
+        def __init__(self, name: str):
+            self.name = name
+
+        def cpu(self):
+            return self
+
+    class _Sink:
+        def load_state_dict(self, state):
+            pass
+
+    ckpt = {"model": {}, "ema": {}, "opt": {}, "steps": 7,
+            "rng": {"cpu": torch.get_rng_state(), "cuda": [_State(s) for s in saved_states]}}
+    calls = []
+    monkeypatch.setattr(trainer.loop.checkpoint, "load", lambda path, map_location: ckpt)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state.name, device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("sets every device"))
+    device = torch.device("cuda", device_index)
+    step = trainer.loop._restore(Path("x.pt"), _Sink(), _Sink(), _Sink(), _Sink(), DistInfo(device=device))
+    assert step == 7 and calls == [(expect, device)]

@@ -19,6 +19,7 @@ from trainer.objectives import (
     path_coefficients,
     repa_loss,
     sample_time,
+    take,
     total_loss,
 )
 
@@ -230,6 +231,18 @@ def test_attention_loss_matches_reference_with_head_selection() -> None:
     assert abs(float(loss) - _attention_reference(student, teacher, s_heads, t_heads)) < 1e-5
     permuted = attention_alignment_loss(student, teacher, [5, 3, 1, 0], [2, 0, 3, 1])
     assert abs(float(permuted) - _attention_reference(student, teacher, [5, 3, 1, 0], [2, 0, 3, 1])) < 1e-5
+
+
+def test_take_slices_contiguous_runs_without_copying() -> None:
+    # Contiguous runs (the default heads 0-11, consecutive teacher layers) must be views: a list
+    # index on a CUDA tensor is a blocking host-to-device copy plus a gather, every step.
+    x = _logits(2, 6, 3, 13)
+    for idx in ([0, 1, 2, 3], [2, 3, 4, 5], [5], [-2, -1]):
+        view = take(x, 1, idx)
+        assert torch.equal(view, x[:, idx]) and view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    for idx in ([5, 3, 1, 0], [0, 2], [1, 1]):  # anything else still gathers, with the same values
+        assert torch.equal(take(x, 1, idx), x[:, idx])
+    assert torch.equal(take(x, 0, [1]), x[[1]])
 
 
 def test_attention_loss_is_kl_plus_teacher_entropy() -> None:

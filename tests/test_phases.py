@@ -171,3 +171,23 @@ def test_other_methods_are_configurations(demo_cache: Path, tmp_path: Path, monk
     assert all(s["keys"] == keys for s in seen)
     assert all(s["trainable_projector"] == ("feat" in keys) for s in seen)
     assert [r["phase"] for r in stats(run)] == phases
+
+
+def test_tau_on_a_checkpoint_interval_saves_once(demo_cache: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """tau % ckpt_every == 0 (the defaults: 250K, 10K): the interval save at tau is the phase-switch
+    checkpoint; writing the same multi-GB checkpoint a second time would be pure waste."""
+    import trainer.checkpoint
+
+    saved: list[int] = []
+    real = trainer.checkpoint.save
+
+    def spy(run_dir, step, payload, meta, keep):
+        saved.append(step)
+        return real(run_dir, step, payload, meta, keep)
+
+    monkeypatch.setattr(trainer.checkpoint, "save", spy)
+    run = tmp_path / "run"
+    train(tiny_cfg(demo_cache, run, {"align.stop_step": 3, "total_steps": 6, "ckpt_every": 3}))
+    assert saved == [3, 6]
+    assert load_ckpt(run, 3)["train_state"]["phase"] == "I"

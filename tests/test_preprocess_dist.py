@@ -60,3 +60,26 @@ def test_torchrun_two_ranks_equals_one_process(demo_cache, tmp_path):
     assert not [p for p in out.rglob(".*")], "temp or probe files left behind"
     idx = json.loads((out / "index.json").read_text())
     assert len(idx["runs"]) == 1 and len(idx["groups"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_resume_splits_verification(demo_cache, tmp_path):
+    """Resuming under torchrun, each rank sha256-checks only its share of the finished shards (a
+    resumed ImageNet teacher group is TBs: N ranks must not each read all of it), and the rebuilt
+    cache still equals the single-process one."""
+    import shutil
+
+    out = tmp_path / "resume"
+    shutil.copytree(demo_cache, out)
+    for m in out.glob("*/*/manifest.json"):
+        m.unlink()
+    (out / "index.json").unlink()
+    (next((out / "teacher").glob("*")) / "shard-000004.tar").unlink()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "stages.cli", "preprocess", *_sets(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "rank 0: checked 3 of 6 earlier shard(s)" in proc.stderr
+    assert "rank 0: 1 shard(s) to write (1 in total are missing)" in proc.stderr
+    assert _shards(out) == _shards(demo_cache) and _records(out) == _records(demo_cache)

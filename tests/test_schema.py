@@ -310,3 +310,21 @@ def test_manifest_json_round_trip(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(CacheFormatError, match="schema version 99"):
         schema.read_manifest(tmp_path)
+
+
+def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch) -> None:
+    import os
+
+    from pipeline import shards
+
+    path = tmp_path / "manifest.json"
+    shards.atomic_write_json(path, {"v": 1})
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        shards.atomic_write_json(path, {"v": 2})
+    assert path.read_text() == '{\n  "v": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]

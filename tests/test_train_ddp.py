@@ -72,3 +72,25 @@ def test_two_rank_gloo_matches_single_process(demo_cache: Path, tmp_path: Path,
         for k in ("loss", "denoise", "feat", "attn"):
             if k in x:
                 assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), (k, x, y)
+
+
+def test_no_sync_reaches_ddp_through_compile(tmp_path: Path) -> None:
+    """grad_accum micro-batches skip the all-reduce also when the DDP module is wrapped by torch.compile
+    (an isinstance(net, DDP) test alone misses the OptimizedModule and all-reduces every micro-batch)."""
+    import torch.distributed as torch_dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from trainer.engine import no_sync
+
+    torch_dist.init_process_group("gloo", store=torch_dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                                  world_size=1)
+    try:
+        ddp = DDP(torch.nn.Linear(2, 2))
+        for net in (ddp, torch.compile(ddp)):  # compile is lazy: nothing is traced here
+            with no_sync(net):
+                assert not ddp.require_backward_grad_sync
+            assert ddp.require_backward_grad_sync
+        with no_sync(torch.nn.Linear(2, 2)):  # a single process: nothing to skip
+            pass
+    finally:
+        torch_dist.destroy_process_group()

@@ -23,6 +23,7 @@ from trainer.objectives import (
     interpolate,
     repa_loss,
     sample_time,
+    take,
     total_loss,
 )
 from trainer.phases import Phase
@@ -83,9 +84,12 @@ def wrap(model: SiT, phase: Phase, d: DistInfo, compile_model: bool = False) -> 
 
 @torch.no_grad()
 def update_ema(ema: SiT, model: SiT, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·p over all parameters, as two multi-tensor kernels (not 2 per tensor)."""
     ema_params = dict(ema.named_parameters())
-    for name, p in model.named_parameters():
-        ema_params[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+    pairs = [(ema_params[name], p.detach()) for name, p in model.named_parameters()]
+    targets, sources = [e for e, _ in pairs], [p for _, p in pairs]
+    torch._foreach_mul_(targets, decay)
+    torch._foreach_add_(targets, sources, alpha=1 - decay)
 
 
 def step_generator(seed: int, step: int, slot: int, device: torch.device) -> torch.Generator:
@@ -97,6 +101,12 @@ def step_generator(seed: int, step: int, slot: int, device: torch.device) -> tor
     g = torch.Generator(device=device)
     g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return g
+
+
+def no_sync(net: torch.nn.Module):
+    """DDP's no_sync() (skip the all-reduce of a non-final micro-batch), also through torch.compile's wrapper."""
+    ddp = getattr(net, "_orig_mod", net)
+    return ddp.no_sync() if isinstance(ddp, DDP) else contextlib.nullcontext()
 
 
 @dataclass
@@ -145,9 +155,7 @@ def prepare_inputs(batch: dict, model: SiT, cfg: TrainConfig, phase: Phase, cach
         idx = [ts.layers.index(layer) for layer in cfg.align.teacher_layers]  # only the aligned layers
         # Copy first (from pinned memory, async), select on the device: a CPU-side gather of
         # ~100 MB per step would stall the main thread.
-        arrays = {k: batch[k].to(device, non_blocking=True) for k in ("q", "k", "logits") if k in batch}
-        if idx != list(range(len(ts.layers))):
-            arrays = {k: v[:, idx] for k, v in arrays.items()}
+        arrays = {k: take(batch[k].to(device, non_blocking=True), 1, idx) for k in ("q", "k", "logits") if k in batch}
         logits = cache.teacher_logits(arrays)
     return StepInputs(x0=x0, y=y, teacher_feat=feat, teacher_logits=logits)
 
@@ -159,9 +167,7 @@ def train_step(net: torch.nn.Module, model: SiT, opt: torch.optim.Optimizer, sca
     for j, batch in enumerate(batches):
         g = step_generator(cfg.seed, step, d.rank * cfg.grad_accum + j, d.device)
         inp = prepare_inputs(batch, model, cfg, phase, cache, d.device, g)
-        last = j == len(batches) - 1
-        sync = contextlib.nullcontext() if last or not isinstance(net, DDP) else net.no_sync()
-        with sync:
+        with contextlib.nullcontext() if j == len(batches) - 1 else no_sync(net):
             losses = micro_loss(net, model, cfg, phase, inp, g)
             scaler.scale(losses["loss"] / len(batches)).backward()
         for k, v in losses.items():

@@ -91,10 +91,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
              cfg.per_rank_batch(d.world_size) // cfg.grad_accum, cfg.grad_accum)
     meter = _Meter(d.device)
     preview = _Preview(cfg, cache, d)
+    saved_at = step if ckpts else -1  # the step whose state is on disk
     while step < cfg.total_steps:
         new = phase_at(step, phases)
-        if new != phase:  # an explicit event: checkpoint, reopen data, re-wrap
-            _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, reason=f"end of phase {phase.name}")
+        if new != phase:  # an explicit event: checkpoint (unless the interval save just did), reopen data, re-wrap
+            if saved_at != step:
+                _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d,
+                      reason=f"end of phase {phase.name}")
+                saved_at = step
             log.info("step %d: entering phase %s (teacher %s)", step, new.name, "on" if new.needs_teacher else "off")
             phase = new
             del batches
@@ -111,6 +115,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 loss_plot(stats.read(), run_dir / "loss.png", cfg.align.stop_step)
         if step % cfg.ckpt_every == 0 or step == cfg.total_steps:
             _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, reason="interval")
+            saved_at = step
         if step % cfg.sample_every == 0 or step == cfg.total_steps:
             preview.grid(ema, step, run_dir)
     dist.barrier()
@@ -128,7 +133,9 @@ def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo) -> int:
     if "cpu" in rng:
         torch.set_rng_state(rng["cpu"].cpu())
     if d.device.type == "cuda" and rng.get("cuda"):
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        # This rank's device only: the saved list may come from a node with more (or fewer) GPUs.
+        states, idx = rng["cuda"], d.device.index or 0
+        torch.cuda.set_rng_state((states[idx] if idx < len(states) else states[0]).cpu(), d.device)
     saved_world = ckpt.get("train_state", {}).get("world_size", d.world_size)
     if saved_world != d.world_size:
         log.warning("resuming with world size %d (checkpoint: %d): the data order will differ", d.world_size, saved_world)
@@ -143,7 +150,7 @@ def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, r
             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "steps": step,
             "rng": {"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if d.device.type == "cuda" else []},
+                    "cuda": [torch.cuda.get_rng_state(d.device)] if d.device.type == "cuda" else []},
             "train_state": {"step": step, "phase": phase.name, "data_batches": step * cfg.grad_accum,
                             "world_size": d.world_size},
         }
@@ -167,7 +174,8 @@ class _Meter:
             self.sums[k] = self.sums.get(k, 0) + v.float()
             self.counts[k] = self.counts.get(k, 0) + 1
         finite = torch.isfinite(losses["loss"])
-        self.bad_step = torch.where((self.bad_step < 0) & ~finite, torch.tensor(step, device=self.device), self.bad_step)
+        # new_full is a fill kernel; torch.tensor(step, device=cuda) would be a blocking copy (a host sync per step)
+        self.bad_step = torch.where((self.bad_step < 0) & ~finite, self.bad_step.new_full((), step), self.bad_step)
         self.steps_since += 1
 
     def raise_if_nonfinite(self) -> None:

@@ -158,6 +158,20 @@ def _check_attention_pair(p: int, s: Tensor, t: Tensor) -> None:
         )
 
 
+def take(x: Tensor, dim: int, index: Sequence[int]) -> Tensor:
+    """``x`` indexed by ``index`` along ``dim``: a view (no copy, no host sync) for a contiguous run.
+
+    Indexing a CUDA tensor with a Python list copies the list to the device synchronously (a host
+    sync) and gathers a copy; the default selections (heads 0–11, consecutive teacher layers) are
+    contiguous runs, which a slice serves for free. Other selections still gather.
+    """
+    n = x.shape[dim]
+    idx = [i % n if -n <= i < 0 else i for i in index]
+    if idx and idx == list(range(idx[0], idx[0] + len(idx))) and 0 <= idx[0] and idx[-1] < n:
+        return x.narrow(dim, idx[0], len(idx))
+    return x[(slice(None),) * dim + (idx,)]
+
+
 def _select_heads(logits: Tensor, heads: Sequence[int], side: str, p: int) -> Tensor:
     """logits (N, H, T, T) → (N, len(heads), T, T); out-of-range heads are a ValueError."""
     if logits.ndim != 4:
@@ -165,7 +179,7 @@ def _select_heads(logits: Tensor, heads: Sequence[int], side: str, p: int) -> Te
     n_heads = logits.shape[1]
     if any(not -n_heads <= h < n_heads for h in heads):
         raise ValueError(f"attention pair {p}: {side} heads {list(heads)} out of range for {n_heads} heads")
-    return logits[:, list(heads)]
+    return take(logits, 1, heads)
 
 
 def attention_alignment_loss(
