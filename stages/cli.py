@@ -33,7 +33,8 @@ class ActionableError(click.ClickException):
     """One message, exit status 1, no traceback."""
 
 
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, FileNotFoundError, PermissionError)
+# OSError covers missing files, permissions and a full disk: all user-fixable, all one line.
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, OSError)
 
 
 def run_guarded(fn, *args, **kwargs):

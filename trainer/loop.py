@@ -111,13 +111,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         step += 1
         if step % cfg.log_every == 0 or step == cfg.total_steps:
             stats.write(meter.flush(step, phase, cfg.global_batch_size))
-            if d.is_main:
-                loss_plot(stats.read(), run_dir / "loss.png", cfg.align.stop_step)
         if step % cfg.ckpt_every == 0 or step == cfg.total_steps:
             _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, reason="interval")
             saved_at = step
         if step % cfg.sample_every == 0 or step == cfg.total_steps:
             preview.grid(ema, step, run_dir)
+            if d.is_main:  # redrawn with the previews, not every log line: rank 0 holds the others
+                loss_plot(stats.read(), run_dir / "loss.png", cfg.align.stop_step)
     dist.barrier()
     return {"step": step, "phase": phase.name, "run_dir": str(run_dir)}
 
