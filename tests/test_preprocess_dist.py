@@ -34,14 +34,20 @@ def _records(root: Path) -> dict[str, list]:
             for m in sorted(root.glob("*/*/manifest.json"))}
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_equals_one_process(demo_cache, tmp_path):
-    out = tmp_path / "dist"
+def _torchrun_preprocess(out: Path) -> subprocess.CompletedProcess:
+    """`haste preprocess` under a 2-rank gloo torchrun; asserts it succeeded."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "stages.cli", "preprocess", *_sets(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equals_one_process(demo_cache, tmp_path):
+    out = tmp_path / "dist"
+    proc = _torchrun_preprocess(out)
     # each rank wrote its half of the 6 shards (round robin), and rank 0 alone printed the summary
     assert "rank 0: 3 shard(s) to write (6 in total are missing)" in proc.stderr
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -75,11 +81,7 @@ def test_torchrun_resume_splits_verification(demo_cache, tmp_path):
         m.unlink()
     (out / "index.json").unlink()
     (next((out / "teacher").glob("*")) / "shard-000004.tar").unlink()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "stages.cli", "preprocess", *_sets(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = _torchrun_preprocess(out)
     assert "rank 0: checked 3 of 6 earlier shard(s)" in proc.stderr
     assert "rank 0: 1 shard(s) to write (1 in total are missing)" in proc.stderr
     assert _shards(out) == _shards(demo_cache) and _records(out) == _records(demo_cache)

@@ -12,8 +12,6 @@ checkpoints (SPEC §1.8). Deliberate differences (SPEC §7):
   in train mode driven by the global RNG;
 - the SiT-S presets work (the official ones build the final layer 768 wide and crash);
 - the null-class row always exists, so CFG sampling works even after training with p = 0.
-
-Quick check: `.venv/bin/pytest tests/test_model.py -q`.
 """
 
 from __future__ import annotations
@@ -413,9 +411,5 @@ def model_config(name: str, **overrides: object) -> ModelConfig:
 
 def count_params(model: nn.Module, *, exclude_projector: bool = True, trainable_only: bool = True) -> int:
     """Parameter count; the defaults give the paper's model sizes (no projector, no pos_embed)."""
-    return sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if not (exclude_projector and name.startswith("projectors."))
-        and not (trainable_only and not p.requires_grad)
-    )
+    return sum(p.numel() for name, p in model.named_parameters()
+               if not (exclude_projector and name.startswith("projectors.")) and (p.requires_grad or not trainable_only))
