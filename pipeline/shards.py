@@ -38,6 +38,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the ``.<name>.tmp<pid>`` files a killed run left in ``directory`` (not recursive)."""
+    stale = sorted(p for p in Path(directory).glob(".*.tmp*") if p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 

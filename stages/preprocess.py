@@ -32,7 +32,7 @@ from pipeline.schema import (
     bytes_per_sample,
     get_codec,
 )
-from pipeline.shards import atomic_write_json, shard_name, shard_ok
+from pipeline.shards import atomic_write_json, remove_stale_temps, shard_name, shard_ok
 from pipeline.sources import Source, open_source
 from pipeline.teacher import DEFAULT_ARCH, DEFAULT_TEACHER, RANDOM_PRESETS, Teacher, teacher_input_size
 from pipeline.vae import DEFAULT_VAE
@@ -237,6 +237,11 @@ def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
         log.info("%s group %s (%s)", p.kind, p.dir, "complete, reused" if p not in pending else "to build")
     _check_weights(cfg, pending)
     _make_dirs(pending)
+    if d.is_main:  # before any rank writes: a temp file from a killed run must not outlive the rerun
+        for p in pending:
+            for stale in remove_stale_temps(p.dir) + remove_stale_temps(p.dir / "progress"):
+                log.info("removed %s left by an interrupted run", stale)
+    dist.barrier()
     encode_shards(cfg, d, source, pending, num_shards)
     dist.barrier()
     manifests: list[GroupManifest] = []

@@ -243,6 +243,7 @@ def test_resume_skips_incomplete_newest(demo_cache: Path, tmp_path: Path, monkey
     monkeypatch.setattr(trainer.loop, "train_step", lambda *a: seen.append(a[8]) or real(*a))
     train(cfg)
     assert seen == [1]                                                   # resumed from step 1
+    assert not list(d.glob(".*tmp*"))                                    # the killed write's temp is gone
 
 
 # ----------------------------------------------------------------------------------------------

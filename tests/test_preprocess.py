@@ -278,9 +278,14 @@ def test_missing_shard_of_partial_group_is_rewritten(demo_cache, tmp_path):
     tea = next((out / TEACHER).iterdir())
     t = tea / "shard-000002.tar"
     t.write_bytes(t.read_bytes()[:-512])
+    # a kill can land inside any atomic write: a shard's, or its progress record's (CI hit the latter)
+    (lat / ".shard-000004.tar.tmp999").write_bytes(b"partial")
+    (lat / "progress" / ".shard-000004.tar.json.tmp999").write_bytes(b"{")
+    (tea / "progress" / ".models.json.tmp998").write_bytes(b"")
     run(tiny_preprocess_config(out))
     assert shard_hashes(out) == shard_hashes(demo_cache)
     assert manifest_records(out) == manifest_records(demo_cache)
+    assert temp_files(out) == []
 
 
 # ----------------------------------------------------------------------------------------------

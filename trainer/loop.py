@@ -20,7 +20,7 @@ from pipeline.cache import Requirements, check_cache, open_cache
 from pipeline.configs import to_dict
 from pipeline.groups import git_sha
 from pipeline.loader import CacheStream, make_loader
-from pipeline.shards import atomic_write_json
+from pipeline.shards import atomic_write_json, remove_stale_temps
 from trainer import checkpoint
 from trainer.config import RESUME_SAFE, TrainConfig, config_diff
 from trainer.engine import build_model, build_optimizer, setup_numerics, train_step, update_ema, wrap
@@ -80,6 +80,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     stats = StatsWriter(run_dir, d.is_main)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temps(checkpoint.ckpt_dir(run_dir)):  # a killed save can be GBs
+            log.info("removed %s left by an interrupted checkpoint write", stale)
         atomic_write_json(run_dir / "config.json", {"config": cfg_dict, "git_sha": git_sha(),
                                                     "world_size": d.world_size})
         stats.truncate_after(step)
