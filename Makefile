@@ -10,7 +10,7 @@ BIN     := $(VENV)/bin
 HASTE   := $(BIN)/haste
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install test test-fast lint preprocess verify train demo bench bench-preprocess bench-train clean
+.PHONY: help install test test-fast lint preprocess verify train eval demo bench bench-preprocess bench-train bench-eval clean
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,15 +43,23 @@ verify: $(STAMP)  ## sha256 + decode + fresh-model check of the cache: CACHE
 train: $(STAMP)  ## train on the cache: CONFIG, CACHE, RUN, ARGS (rerun to resume)
 	$(HASTE) train --config $(CONFIG) --set data.cache=$(CACHE) --set run_dir=$(RUN) $(ARGS)
 
-demo: preprocess train  ## the whole demo chain on CPU
+eval: $(STAMP)  ## sample the newest checkpoint of RUN + metrics: CONFIG, RUN, ARGS (rerun to resume)
+	$(HASTE) eval --config $(CONFIG) --set run_dir=$(RUN) $(ARGS)
 
-bench: bench-preprocess bench-train  ## all benchmarks (JSON under benchmarks/results/)
+demo: preprocess train eval  ## the whole demo chain on CPU
+
+bench: bench-preprocess bench-train bench-eval  ## every benchmark, then one report (JSON + markdown + PNG)
+	$(BIN)/python benchmarks/report.py
 
 bench-preprocess: $(STAMP)  ## preprocess images/s vs bare model compute
 	$(BIN)/python benchmarks/bench_preprocess.py $(ARGS)
 
 bench-train: $(STAMP)  ## step time: cached Phase I / Phase II vs denoise-only vs official online teacher
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
+
+bench-eval: $(STAMP)  ## sampling images/s (NFE stated) vs the official batch RNG; feature extraction images/s
+	$(BIN)/python benchmarks/bench_eval.py $(ARGS)
+	$(BIN)/python benchmarks/bench_eval_features.py
 
 clean:  ## remove the demo cache and runs (not .venv)
 	rm -rf $(CACHE) runs benchmarks/results

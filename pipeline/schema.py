@@ -7,11 +7,13 @@ keys in the same order), so a latents-only reader never streams teacher bytes:
     latents/<key>/shard-000000.tar   <k>.moments.npy  (2C, h, w) posterior mean ++ std
                                      <k>.cls          class index as ASCII
     teacher/<key>/shard-000000.tar   <k>.feat.npy     (T, D) final-norm patch tokens
-                                     <k>.q.npy <k>.k.npy (L, H, T, hd)   codec qk-*
+                                     [<k>.feat_scale.npy (T,)  feat_codec int8]
+                                     <k>.q.npy <k>.k.npy (L, H, T, hd|r [+2])  codec qk-*, lowrank-*
                                      or <k>.logits.npy   (L, H, T, T)    codec logits-*
 
 Arrays are ``.npy`` written with ``allow_pickle=False`` and read back the same way: a cache can
-never execute code. See README "Cache format" for the manifest layout.
+never execute code. See README "Cache format" for the manifest layout. The codecs themselves
+(names, encode/decode, error bounds) live in ``pipeline.codecs`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,21 +21,27 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from pipeline.codecs import (  # noqa: F401  (re-exported: the schema is the one import for readers)
+    CODECS,
+    FEAT_CODECS,
+    AttnCodec,
+    CacheFormatError,
+    decode_features,
+    encode_features,
+    feat_members,
+    get_codec,
+)
 
 SCHEMA_VERSION = 1
 LATENTS, TEACHER = "latents", "teacher"
 SD_VAE_SCALE = 0.18215  # SD-VAE latent scale (SPEC §4); recorded per cache, applied at train time
-
-
-class CacheFormatError(ValueError):
-    """A cached sample or manifest does not match the schema; the message names what and where."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,8 +70,9 @@ class TeacherSpec:
     grid: int                       # patch tokens per side; tokens = grid**2, row-major
     num_prefix_tokens: int          # cls + registers, removed before storing (from the model)
     scale: float                    # teacher attention scale (head_dim ** -0.5)
-    feat_dtype: str = "float16"
-    codec: str = "qk-fp16"
+    feat_dtype: str = "float16"     # dtype the writer hands features over in; stored as is when "plain"
+    codec: str = "qk-fp16"          # attention codec (pipeline.codecs)
+    feat_codec: str = "plain"       # "plain" | "int8" (per-token scale in feat_scale.npy)
 
     @property
     def num_tokens(self) -> int:
@@ -81,81 +90,6 @@ def spec_from_dict(kind: str, data: Mapping[str, Any]) -> LatentSpec | TeacherSp
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention codecs: a small registry (encode, decode, bytes per sample)
-# ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class AttnCodec:
-    """How the teacher's attention logits of the stored layers are kept on disk.
-
-    ``encode`` maps per-sample q, k (L, H, T, hd) float32 to named arrays; ``decode`` maps
-    batched tensors (N, ...) of those arrays back to logits (N, L, H, T, T) float32 on their
-    device (so the trainer decodes on the GPU); ``member_shapes`` gives each array's shape.
-    """
-
-    name: str
-    dtype: str
-    member_shapes: Callable[[TeacherSpec], dict[str, tuple[int, ...]]]
-    encode: Callable[[np.ndarray, np.ndarray, float], dict[str, np.ndarray]]
-    decode: Callable[[Mapping[str, torch.Tensor], float], torch.Tensor]
-    qk_dtype: str = "float32"  # precision ``encode`` needs q, k in (the writer casts on the device)
-
-
-def _qk_shapes(s: TeacherSpec) -> dict[str, tuple[int, ...]]:
-    shape = (len(s.layers), s.num_heads, s.num_tokens, s.head_dim)
-    return {"q": shape, "k": shape}
-
-
-def _logit_shapes(s: TeacherSpec) -> dict[str, tuple[int, ...]]:
-    return {"logits": (len(s.layers), s.num_heads, s.num_tokens, s.num_tokens)}
-
-
-def _qk_codec(dtype: str) -> AttnCodec:
-    def encode(q: np.ndarray, k: np.ndarray, scale: float) -> dict[str, np.ndarray]:
-        return {"q": q.astype(dtype, copy=False), "k": k.astype(dtype, copy=False)}
-
-    def decode(arrays: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
-        # Same order of operations as timm's unfused attention: (q * scale) @ k^T, in fp32.
-        q, k = arrays["q"].float(), arrays["k"].float()
-        return (q * scale) @ k.transpose(-1, -2)
-
-    return AttnCodec(f"qk-{_short(dtype)}", dtype, _qk_shapes, encode, decode, qk_dtype=dtype)
-
-
-def _logits_codec(dtype: str) -> AttnCodec:
-    def encode(q: np.ndarray, k: np.ndarray, scale: float) -> dict[str, np.ndarray]:
-        logits = (q.astype(np.float32) * np.float32(scale)) @ np.swapaxes(k, -1, -2).astype(np.float32)
-        return {"logits": logits.astype(dtype)}
-
-    def decode(arrays: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
-        return arrays["logits"].float()
-
-    return AttnCodec(f"logits-{_short(dtype)}", dtype, _logit_shapes, encode, decode)
-
-
-def _no_attention() -> AttnCodec:
-    def decode(arrays: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
-        raise CacheFormatError("this teacher group was written with codec 'none' (no attention stored)")
-
-    return AttnCodec("none", "float16", lambda s: {}, lambda q, k, scale: {}, decode)
-
-
-def _short(dtype: str) -> str:
-    return {"float16": "fp16", "float32": "fp32"}[dtype]
-
-
-CODECS: dict[str, AttnCodec] = {
-    c.name: c for c in (_qk_codec("float16"), _qk_codec("float32"), _logits_codec("float16"), _no_attention())
-}
-
-
-def get_codec(name: str) -> AttnCodec:
-    if name not in CODECS:
-        raise CacheFormatError(f"unknown attention codec {name!r} (known: {', '.join(CODECS)})")
-    return CODECS[name]
-
-
-# ----------------------------------------------------------------------------------------------
 # Fields, sample encode/decode
 # ----------------------------------------------------------------------------------------------
 
@@ -166,10 +100,13 @@ def fields(kind: str, spec: LatentSpec | TeacherSpec) -> dict[str, dict[str, Any
         return {"moments.npy": {"dtype": spec.dtype, "shape": list(spec.moments_shape)},
                 "cls": {"dtype": "ascii-int", "shape": []}}
     assert isinstance(spec, TeacherSpec)
-    out = {"feat.npy": {"dtype": spec.feat_dtype, "shape": [spec.num_tokens, spec.embed_dim]}}
+    out: dict[str, dict[str, Any]] = {}
+    for name, (dtype, shape) in feat_members(spec.feat_codec, spec.feat_dtype, spec.num_tokens,
+                                             spec.embed_dim).items():
+        out[f"{name}.npy"] = {"dtype": dtype, "shape": list(shape)}
     codec = get_codec(spec.codec)
-    for name, shape in codec.member_shapes(spec).items():
-        out[f"{name}.npy"] = {"dtype": codec.dtype, "shape": list(shape), "codec": codec.name}
+    for name, (dtype, shape) in codec.members(spec).items():
+        out[f"{name}.npy"] = {"dtype": dtype, "shape": list(shape), "codec": codec.name}
     return out
 
 
@@ -217,16 +154,15 @@ def encode_latent_sample(spec: LatentSpec, label: int, moments: np.ndarray) -> d
 
 
 def encode_teacher_sample(spec: TeacherSpec, feat: np.ndarray, q: np.ndarray, k: np.ndarray) -> dict[str, bytes]:
-    """One teacher-group sample from fp32 feat (T, D) and q, k (L, H, T, hd)."""
+    """One teacher-group sample from feat (T, D) and q, k (L, H, T, hd), through the spec's codecs."""
     expect_qk = (len(spec.layers), spec.num_heads, spec.num_tokens, spec.head_dim)
     if tuple(feat.shape) != (spec.num_tokens, spec.embed_dim):
         raise CacheFormatError(f"teacher features shape {feat.shape} != {(spec.num_tokens, spec.embed_dim)}")
-    if get_codec(spec.codec).name != "none" and (tuple(q.shape) != expect_qk or tuple(k.shape) != expect_qk):
+    codec = get_codec(spec.codec)
+    if codec.name != "none" and (tuple(q.shape) != expect_qk or tuple(k.shape) != expect_qk):
         raise CacheFormatError(f"teacher q/k shape {q.shape}/{k.shape} != {expect_qk}")
-    out = {"feat.npy": npy_bytes(feat.astype(spec.feat_dtype, copy=False))}
-    for name, arr in get_codec(spec.codec).encode(q, k, spec.scale).items():
-        out[f"{name}.npy"] = npy_bytes(arr)
-    return out
+    arrays = {**encode_features(feat, spec.feat_codec, spec.feat_dtype), **codec.encode(q, k, spec.scale)}
+    return {f"{name}.npy": npy_bytes(arr) for name, arr in arrays.items()}
 
 
 def decode_members(kind: str, spec: LatentSpec | TeacherSpec, members: Mapping[str, bytes],

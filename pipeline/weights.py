@@ -1,7 +1,8 @@
 """Where model weights come from: hub ids, local files/dirs, or seeded random init.
 
 A model is named by one string:
-  ``random:<preset>``         seeded random init of the real architecture (tests, demo, bench)
+  ``random:<preset>``         seeded random init of the real architecture (tests, bench)
+  ``builtin:<name>``          a trivially defined stand-in with the same interface (the offline demo)
   ``/path/to/file_or_dir``    local weights (timm .pth/.safetensors file; diffusers directory)
   ``org/name`` or ``name.tag`` a hub id, resolved from the local Hugging Face cache when present
 
@@ -29,7 +30,7 @@ class WeightsError(RuntimeError):
 @dataclass(frozen=True)
 class WeightsRef:
     name: str                 # as given by the user
-    kind: str                 # "random" | "local" | "hub"
+    kind: str                 # "random" | "builtin" | "local" | "hub"
     preset: str = ""          # random: preset name
     path: Path | None = None  # local: file or directory
 
@@ -37,6 +38,8 @@ class WeightsRef:
         """Cheap identity used in cache keys (no model load): name plus content hash where local."""
         if self.kind == "random":
             return {"name": self.name, "seed": str(seed)}
+        if self.kind == "builtin":
+            return {"name": self.name}
         if self.kind == "local":
             assert self.path is not None
             return {"name": self.name, "files_sha256": hash_files(weight_files(self.path))}
@@ -46,6 +49,8 @@ class WeightsRef:
 def parse(name: str) -> WeightsRef:
     if name.startswith("random:"):
         return WeightsRef(name, "random", preset=name.split(":", 1)[1])
+    if name.startswith("builtin:"):
+        return WeightsRef(name, "builtin", preset=name.split(":", 1)[1])
     path = Path(name).expanduser()
     if path.exists():
         return WeightsRef(name, "local", path=path.resolve())

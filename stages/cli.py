@@ -1,6 +1,7 @@
 """The ``haste`` command line: one thin click command per stage (parse, build config, call run).
 
     haste preprocess --config configs/demo.yaml --set out=cache [--dry-run]
+    haste train --config configs/demo.yaml      haste eval --config configs/demo.yaml --set run_dir=runs/demo
     haste cache info cache/        haste cache verify cache/
     haste synth out_dir --count 64 --classes 4 --size 256
 """
@@ -106,6 +107,27 @@ def train(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) ->
         click.echo(json.dumps(result))
 
 
+@main.command("eval")
+@config_option
+@set_option
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+def eval_(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) -> None:
+    """Sample a checkpoint into a resumable zarr store, export npz + grid, compute FID/IS/P/R/KID."""
+    from pipeline.configs import to_dict
+    from stages.evaluate import load_eval_config, run
+
+    cfg = run_guarded(load_eval_config, config_path, overrides)
+    if dry_run:
+        click.echo(json.dumps(to_dict(cfg), indent=2))
+        return
+    result = run_guarded(run, cfg)
+    dist.shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(json.dumps({k: v for k, v in result.items() if k != "summary"}, indent=2))
+        if "summary" in result:
+            click.echo(result["summary"])
+
+
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--count", type=click.IntRange(min=1), default=64, show_default=True)
@@ -147,15 +169,22 @@ def cache_info(path: str, as_json: bool) -> None:
 @click.option("--samples", type=click.IntRange(min=0), default=8, show_default=True,
               help="Samples per group to decode and (when the models load) recompute.")
 @click.option("--no-models", is_flag=True, help="Skip the fresh teacher/VAE comparison.")
-def cache_verify(path: str, samples: int, no_models: bool) -> None:
-    """sha256 of every shard, decode of samples, fresh-teacher comparison."""
+@click.option("--fidelity", is_flag=True,
+              help="Also measure the teacher codec against an exact teacher on --samples images "
+                   "(KL, loss error, gradient cosine at sharpness x1/x5/x20; feature cosine error); "
+                   "recorded in the teacher manifest.")
+def cache_verify(path: str, samples: int, no_models: bool, fidelity: bool) -> None:
+    """sha256 of every shard, decode of samples, fresh-teacher comparison, codec fidelity."""
     from stages.cache_tools import verify
 
-    report = run_guarded(verify, path, samples=samples, with_models=not no_models)
+    report = run_guarded(verify, path, samples=samples, with_models=not no_models, fidelity=fidelity)
     click.echo(json.dumps(report, indent=2))
     if not report["ok"]:
         raise ActionableError("cache verification FAILED (see the report above)")
 
+
+from stages.foreign_cli import export, import_  # noqa: E402, I001  (`haste import|export`)
+main.add_command(import_), main.add_command(export)
 
 if __name__ == "__main__":
     main()

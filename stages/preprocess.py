@@ -19,9 +19,10 @@ from typing import Literal
 import torch
 
 from pipeline import dist, groups, weights
-from pipeline.configs import check, to_dict
+from pipeline.configs import ConfigError, check, to_dict
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.schema import (
+    FEAT_CODECS,
     LATENTS,
     SCHEMA_VERSION,
     TEACHER,
@@ -35,7 +36,7 @@ from pipeline.schema import (
 from pipeline.shards import atomic_write_json, remove_stale_temps, shard_name, shard_ok
 from pipeline.sources import Source, open_source
 from pipeline.teacher import DEFAULT_ARCH, DEFAULT_TEACHER, RANDOM_PRESETS, Teacher, teacher_input_size
-from pipeline.vae import DEFAULT_VAE
+from pipeline.vae import DEFAULT_VAE, latent_scale_bias
 
 log = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16"]
@@ -59,8 +60,9 @@ class PreprocessConfig:
     teacher_arch: str = DEFAULT_ARCH      # timm architecture the weights belong to
     teacher_layers: tuple[int, ...] = (8, 9, 10, 11)
     teacher_precision: Precision = "fp32"
-    codec: str = "qk-fp16"                # attention codec, see pipeline.schema.CODECS
+    codec: str = "qk-fp16"                # attention codec, see pipeline.codecs (README "Cache format")
     feat_dtype: Literal["float16", "float32"] = "float16"
+    feat_codec: Literal["plain", "int8"] = "plain"   # int8: per-token scale, cosine-preserving
     batch_size: int = 32
     num_workers: int = 4
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -84,6 +86,7 @@ class PreprocessConfig:
             get_codec(self.codec)
         except ValueError as e:
             raise type(e)(f"config field 'codec': {e}") from None
+        check(self.feat_codec in FEAT_CODECS, "feat_codec", f"must be one of {list(FEAT_CODECS)}")
 
     @property
     def wants_teacher(self) -> bool:
@@ -118,25 +121,44 @@ def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
         model = timm.create_model(cfg.teacher_arch, pretrained=False,
                                   img_size=teacher_input_size(cfg.resolution), **preset)
     t = Teacher(model, cfg.teacher_layers, cfg.resolution)
-    return TeacherSpec(layers=cfg.teacher_layers, num_heads=t.num_heads, head_dim=t.head_dim, embed_dim=t.embed_dim,
+    spec = TeacherSpec(layers=cfg.teacher_layers, num_heads=t.num_heads, head_dim=t.head_dim, embed_dim=t.embed_dim,
                        grid=t.grid, num_prefix_tokens=t.num_prefix_tokens, scale=t.scale,
-                       feat_dtype=cfg.feat_dtype, codec=cfg.codec)
+                       feat_dtype=cfg.feat_dtype, codec=cfg.codec, feat_codec=cfg.feat_codec)
+    try:  # a codec can depend on the teacher's dims (a low-rank rank must not exceed head_dim)
+        get_codec(cfg.codec).members(spec)
+    except ValueError as e:
+        raise ConfigError(f"config field 'codec': {e}") from None
+    return spec
+
+
+def common_identity(cfg: PreprocessConfig, source: Source) -> dict:
+    """The part of every group key shared by both groups: schema, dataset listing, transform, sharding."""
+    return {"schema_version": SCHEMA_VERSION, "source": source.identity(), "transform": transform(cfg),
+            "shard_size": cfg.shard_size}
+
+
+def make_plan(cfg: PreprocessConfig, kind: str, identity: dict, spec: LatentSpec | TeacherSpec) -> GroupPlan:
+    key = groups.group_key(identity)
+    return GroupPlan(kind, key, groups.group_dir(Path(cfg.out), kind, key), identity, spec)
+
+
+def teacher_plan(cfg: PreprocessConfig, source: Source) -> GroupPlan:
+    t_id = {**common_identity(cfg, source), "teacher": weights.parse(cfg.teacher).descriptor(cfg.seed),
+            "arch": cfg.teacher_arch, "layers": list(cfg.teacher_layers), "codec": cfg.codec,
+            "feat_dtype": cfg.feat_dtype, "teacher_precision": cfg.teacher_precision}
+    if cfg.feat_codec != "plain":  # only when set, so the keys of existing plain-feature groups stay put
+        t_id["feat_codec"] = cfg.feat_codec
+    return make_plan(cfg, TEACHER, t_id, teacher_spec(cfg))
 
 
 def plan_groups(cfg: PreprocessConfig, source: Source) -> list[GroupPlan]:
-    root = Path(cfg.out)
-    common = {"schema_version": SCHEMA_VERSION, "source": source.identity(), "transform": transform(cfg),
-              "shard_size": cfg.shard_size}
-    lat_spec = LatentSpec(channels=4, size=cfg.resolution // 8, dtype=cfg.latent_dtype)
-    lat_id = {**common, "vae": weights.parse(cfg.vae).descriptor(cfg.seed), "vae_precision": cfg.vae_precision,
-              "latent_dtype": cfg.latent_dtype}
-    plans = [GroupPlan(LATENTS, k := groups.group_key(lat_id), groups.group_dir(root, LATENTS, k), lat_id, lat_spec)]
+    scale, bias = latent_scale_bias(cfg.vae)
+    lat_spec = LatentSpec(channels=4, size=cfg.resolution // 8, dtype=cfg.latent_dtype, scale=scale, bias=bias)
+    lat_id = {**common_identity(cfg, source), "vae": weights.parse(cfg.vae).descriptor(cfg.seed),
+              "vae_precision": cfg.vae_precision, "latent_dtype": cfg.latent_dtype}
+    plans = [make_plan(cfg, LATENTS, lat_id, lat_spec)]
     if cfg.wants_teacher:
-        t_id = {**common, "teacher": weights.parse(cfg.teacher).descriptor(cfg.seed), "arch": cfg.teacher_arch,
-                "layers": list(cfg.teacher_layers), "codec": cfg.codec, "feat_dtype": cfg.feat_dtype,
-                "teacher_precision": cfg.teacher_precision}
-        plans.append(GroupPlan(TEACHER, k := groups.group_key(t_id), groups.group_dir(root, TEACHER, k),
-                               t_id, teacher_spec(cfg)))
+        plans.append(teacher_plan(cfg, source))
     return plans
 
 
@@ -179,7 +201,9 @@ def dry_run_report(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan]
 # ----------------------------------------------------------------------------------------------
 
 def write_manifests(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan], models: dict,
-                    num_shards: int) -> list[GroupManifest]:
+                    num_shards: int, extra_settings: dict[str, dict] | None = None) -> list[GroupManifest]:
+    """Manifests of the pending groups; ``extra_settings[kind]`` is merged into that group's settings
+    (``haste import`` records there that the latents were imported, not encoded)."""
     manifests = []
     for plan in plans:
         if groups.is_complete(plan.dir):
@@ -202,7 +226,8 @@ def write_manifests(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan
             models={k: v for k, v in models.items() if (k == "vae") == (plan.kind == LATENTS)},
             producer=groups.producer_info(), shards=tuple(records), classes=source.classes,
             settings={"transform": transform(cfg), "batch_size": cfg.batch_size,
-                      "precision": cfg.vae_precision if plan.kind == LATENTS else cfg.teacher_precision},
+                      "precision": cfg.vae_precision if plan.kind == LATENTS else cfg.teacher_precision,
+                      **(extra_settings or {}).get(plan.kind, {})},
         )
         atomic_write_json(plan.dir / "manifest.json", m.to_json())
         manifests.append(m)
@@ -235,13 +260,8 @@ def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
         return {"status": "up-to-date", "groups": {p.kind: str(p.dir) for p in plans}}
     for p in plans:
         log.info("%s group %s (%s)", p.kind, p.dir, "complete, reused" if p not in pending else "to build")
-    _check_weights(cfg, pending)
-    _make_dirs(pending)
-    if d.is_main:  # before any rank writes: a temp file from a killed run must not outlive the rerun
-        for p in pending:
-            for stale in remove_stale_temps(p.dir) + remove_stale_temps(p.dir / "progress"):
-                log.info("removed %s left by an interrupted run", stale)
-    dist.barrier()
+    check_weights(cfg, pending)
+    prepare_dirs(d, pending)
     encode_shards(cfg, d, source, pending, num_shards)
     dist.barrier()
     manifests: list[GroupManifest] = []
@@ -255,12 +275,22 @@ def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
             "samples": {m.kind: m.num_samples for m in manifests}}
 
 
-def _check_weights(cfg: PreprocessConfig, plans: list[GroupPlan]) -> None:
+def check_weights(cfg: PreprocessConfig, plans: list[GroupPlan]) -> None:
     """Fail before creating any directory when hub weights are needed but unavailable offline."""
     kinds = {p.kind for p in plans}
     for name, what, needed in ((cfg.vae, "VAE", LATENTS in kinds), (cfg.teacher, "teacher", TEACHER in kinds)):
         if needed and weights.parse(name).kind == "hub":
             weights.require_hub(name.removeprefix("hf-hub:"), what)
+
+
+def prepare_dirs(d: dist.DistInfo, plans: list[GroupPlan]) -> None:
+    """Create the pending groups' directories; rank 0 removes temp files a killed run left there."""
+    _make_dirs(plans)
+    if d.is_main:  # before any rank writes: a temp file from a killed run must not outlive the rerun
+        for p in plans:
+            for stale in remove_stale_temps(p.dir) + remove_stale_temps(p.dir / "progress"):
+                log.info("removed %s left by an interrupted run", stale)
+    dist.barrier()
 
 
 def _make_dirs(plans: list[GroupPlan]) -> None:

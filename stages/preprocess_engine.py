@@ -95,7 +95,8 @@ class _ShardSink:
             w.abort()
 
 
-def _sink(plan) -> _ShardSink:
+def shard_sink(plan) -> _ShardSink:
+    """One group's shard writers + progress records (preprocess, and `haste import` for imported latents)."""
     spec = plan.spec
     if plan.kind == LATENTS:
         return _ShardSink(plan, lambda label, m: encode_latent_sample(spec, int(label), m))
@@ -117,7 +118,7 @@ def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int
         return
     log.info("rank %d: %d shard(s) to write (%d in total are missing)", d.rank, len(todo), len(set().union(*need.values())))
     models = _load_models(cfg, d, plans)
-    sinks = {p.kind: _sink(p) for p in plans}
+    sinks = {p.kind: shard_sink(p) for p in plans}
     specs = {p.kind: p.spec for p in plans}
     entries = [(s, i) for s in todo for i in range(s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(source.items)))]
     loader = DataLoader(ItemDataset(source, entries, cfg.resolution, cfg.max_pixels),

@@ -191,3 +191,10 @@ def test_tau_on_a_checkpoint_interval_saves_once(demo_cache: Path, tmp_path: Pat
     train(tiny_cfg(demo_cache, run, {"align.stop_step": 3, "total_steps": 6, "ckpt_every": 3}))
     assert saved == [3, 6]
     assert load_ckpt(run, 3)["train_state"]["phase"] == "I"
+
+
+def test_overrides_read_exponent_floats_and_reject_words() -> None:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; a float field takes it anyway."""
+    assert load_train_config(None, ("lr=1e-3",)).lr == 1e-3
+    with pytest.raises(ConfigError, match="'lr'"):
+        load_train_config(None, ("lr=fast",))

@@ -34,9 +34,14 @@ from pipeline.shards import ShardWriter, iter_samples
 WHERE = "shard-000003.tar:class_001/img_000042"
 
 
-def _tspec(codec: str, feat_dtype: str = "float16", layers=(1, 3)) -> TeacherSpec:
+def _tspec(codec: str, feat_dtype: str = "float16", layers=(1, 3), feat_codec: str = "plain") -> TeacherSpec:
     return TeacherSpec(layers=layers, num_heads=3, head_dim=4, embed_dim=6, grid=3, num_prefix_tokens=1,
-                       scale=4 ** -0.5, feat_dtype=feat_dtype, codec=codec)
+                       scale=4 ** -0.5, feat_dtype=feat_dtype, codec=codec, feat_codec=feat_codec)
+
+
+# Codecs that store the teacher's values exactly (up to their float dtype); the lossy ones and their
+# error bounds are tested in tests/test_codecs.py.
+EXACT_CODECS = sorted(n for n, c in CODECS.items() if c.lossless or n == "none")
 
 
 def _teacher_arrays(spec: TeacherSpec, seed: int = 0):
@@ -49,7 +54,9 @@ def _teacher_arrays(spec: TeacherSpec, seed: int = 0):
 
 
 def test_codec_registry_is_what_the_tests_cover():
-    assert set(CODECS) == {"qk-fp16", "qk-fp32", "logits-fp16", "none"}
+    assert set(CODECS) == {"qk-fp16", "qk-fp32", "logits-fp16", "none", "qk-int8", "lowrank-r32-fp16",
+                           "lowrank-r16-int8", "lowrank-r24-int8", "lowrank-r32-int8"}
+    assert EXACT_CODECS == ["logits-fp16", "none", "qk-fp16", "qk-fp32"]
     with pytest.raises(CacheFormatError, match="unknown attention codec 'qk-int4'"):
         get_codec("qk-int4")
 
@@ -70,7 +77,7 @@ def test_latent_round_trip_exact(dtype):
 
 
 @pytest.mark.parametrize("feat_dtype", ["float16", "float32"])
-@pytest.mark.parametrize("codec", sorted(CODECS))
+@pytest.mark.parametrize("codec", EXACT_CODECS)
 def test_teacher_round_trip_every_codec(codec, feat_dtype):
     spec = _tspec(codec, feat_dtype)
     feat, q, k = _teacher_arrays(spec)
@@ -233,7 +240,8 @@ def _write_shard(path, kind, spec, n):
 @pytest.mark.parametrize("kind,spec", [
     (LATENTS, LatentSpec(size=8)), (LATENTS, LatentSpec(size=32, dtype="float32")),
     (TEACHER, _tspec("qk-fp16")), (TEACHER, _tspec("qk-fp32", "float32")), (TEACHER, _tspec("logits-fp16")),
-    (TEACHER, _tspec("none")),
+    (TEACHER, _tspec("none")), (TEACHER, _tspec("qk-int8", feat_codec="int8")), (TEACHER, _tspec("lowrank-r3-fp16")),
+    (TEACHER, _tspec("lowrank-r2-int8", "float32", feat_codec="int8")),
 ])
 def test_bytes_per_sample_matches_written_tar(tmp_path, kind, spec):
     n = 11

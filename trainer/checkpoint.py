@@ -48,7 +48,8 @@ def save(run_dir: str | Path, step: int, payload: dict[str, Any], meta: dict[str
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"step-{step:07d}.pt"
     atomic_torch_save(payload, path)
-    atomic_torch_save({"ema": payload["ema"], "steps": step, "model_config": meta["config"]["model"]},
+    atomic_torch_save({"ema": payload["ema"], "steps": step, "model_config": meta["config"]["model"],
+                       "latents": meta.get("latents")},
                       d / f"ema-{step:07d}.pt")
     atomic_write_json(d / f"step-{step:07d}.json", meta)  # written last: marks the checkpoint complete
     for old in list_checkpoints(run_dir)[:-keep]:

@@ -157,7 +157,10 @@ def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, r
                             "world_size": d.world_size},
         }
         meta = {"config": to_dict(cfg), "step": step, "phase": phase.name, "reason": reason, "git_sha": git_sha(),
-                "cache": {"latents": cache.latents.key, "teacher": cache.teacher.key if cache.teacher else None}}
+                "cache": {"latents": cache.latents.key, "teacher": cache.teacher.key if cache.teacher else None},
+                # what `haste eval` needs to decode samples even when the cache is gone
+                "latents": {"vae": cache.latents.identity["vae"], "scale": cache.latents.spec.scale,
+                            "bias": cache.latents.spec.bias, "num_classes": len(cache.latents.classes)}}
         path = checkpoint.save(run_dir, step, payload, meta, keep=cfg.keep_ckpts)
         log.info("step %d: saved %s (%s)", step, path, reason)
     dist.barrier()

@@ -1,0 +1,310 @@
+"""Teacher-target codecs: how attention logits and patch features are kept on disk.
+
+Attention codec names follow one grammar, ``<layout>-<precision>``; each has an error bound
+that ``tests/test_codecs.py`` checks and ``haste cache verify --fidelity`` measures end to end:
+
+  none                 no attention (REPA only)
+  qk-fp32              q, k (L, H, T, hd) as stored floats; logits = scale · q kᵀ, exact to fp32 matmul
+  qk-fp16              q, k rounded to fp16: |Δlogit_ij| ≤ 2^-10·scale·‖q_i‖₂‖k_j‖₂ (+ fp32 matmul)
+  qk-int8              q, k int8 with one scale per (layer, head, token) row, keys centred over tokens
+  logits-fp16          scale · q kᵀ rounded to fp16: |Δlogit| ≤ 2^-11·|logit|
+  lowrank-r<R>-<p>     rank-R factors a, b (L, H, T, R) of the row-centred logits (truncated SVD),
+                       p ∈ {fp16, fp32, int8}: ‖Δ‖_F ≤ (Σ_{i>R} σ_i²)^½ + the storage bound of p
+
+Two exact identities make the lossy codecs cheaper without changing what training sees:
+softmax over keys ignores a per-query-row constant, so keys may be centred over the tokens
+(``q·(k_j − k̄) = q·k_j − q·k̄``), which removes their large shared component before int8
+rounding or the SVD. Decoded logits of those codecs therefore equal the exact ones up to a row
+constant; compare them with ``row_centred``. An int8 row carries its fp16 scale in its last two
+bytes (little-endian), so one member stays one tensor: the trainer's layer selection, the
+loader's zero-copy stacking and the member names ``q``/``k`` (which the trainer decodes) apply
+unchanged. Low-rank factors are stored in the ``q``/``k`` members with the scale folded in.
+
+Feature codecs (``TeacherSpec.feat_codec``): ``plain`` stores ``feat_dtype`` as is; ``int8``
+stores one int8 row per token plus its fp16 scale in ``feat_scale``. The int8 values alone
+already point in the token's direction, and the REPA loss normalises every token, so a reader
+that ignores ``feat_scale`` still computes the exact loss of the quantised targets.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+Member = tuple[str, tuple[int, ...]]  # (numpy dtype name, shape) of one stored array
+
+
+class CacheFormatError(ValueError):
+    """A cached sample, manifest or codec name does not match the schema; the message says where.
+
+    Defined in this leaf module so that codecs can raise it; ``pipeline.schema`` re-exports it.
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 rows with an fp16 scale packed into the row
+# ----------------------------------------------------------------------------------------------
+
+_INT8_MAX = 127
+
+
+def _row_scale(x: np.ndarray) -> np.ndarray:
+    """Per-row scale max|x|/127 as fp16, rounded *up* so that no value is clipped by |x/s| > 127."""
+    s = np.abs(x).max(axis=-1, keepdims=True).astype(np.float32) / _INT8_MAX
+    s16 = s.astype(np.float16)
+    low = s16.astype(np.float32) < s
+    s16[low] = np.nextafter(s16[low], np.float16(np.inf))
+    return s16  # an all-zero row keeps scale 0 and decodes to zeros
+
+
+def pack_int8(x: np.ndarray) -> np.ndarray:
+    """float (..., d) -> int8 (..., d + 2): round(x / s) per row, then the fp16 scale s as 2 bytes.
+
+    Error bound: |x̂ − x| ≤ s / 2 elementwise, s = stored scale ≈ max|x_row| / 127.
+    """
+    if not np.isfinite(x).all():
+        raise CacheFormatError("int8 codec: non-finite values in the teacher output")
+    s = _row_scale(x)
+    if not np.isfinite(s).all():
+        raise CacheFormatError("int8 codec: a row's scale overflows fp16 (|x| > 8e6)")
+    safe = np.where(s > 0, s, np.float16(1)).astype(np.float32)
+    v = np.clip(np.rint(x.astype(np.float32) / safe), -_INT8_MAX, _INT8_MAX).astype(np.int8)
+    scale_bytes = s.astype("<f2").view(np.int8)  # (..., 2)
+    return np.concatenate([v, scale_bytes], axis=-1)
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """int8 (..., d + 2) -> float32 (..., d) on the tensor's device (no host round trip)."""
+    values = packed[..., :-2].float()
+    scale = packed[..., -2:].contiguous().view(torch.float16).float()  # (..., 1), little-endian hosts
+    return values * scale
+
+
+def unpack_int8_np(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 (..., d + 2) -> (int8 values (..., d), float32 scales (..., 1)); for tests and tools."""
+    return packed[..., :-2], np.ascontiguousarray(packed[..., -2:]).view("<f2").astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention codecs
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttnCodec:
+    """How the teacher's attention logits of the stored layers are kept on disk.
+
+    ``encode`` maps per-sample q, k (L, H, T, hd) to named arrays; ``decode`` maps batched
+    tensors (N, ...) of those arrays back to logits (N, L, H, T, T) float32 on their device (the
+    trainer decodes on the GPU); ``members`` gives each array's (dtype, shape). Every member has
+    the layer axis first (after the batch axis), so selecting layers commutes with decoding.
+    """
+
+    name: str
+    dtype: str                       # storage dtype of the main members ("int8" for packed rows)
+    members: Callable[[Any], dict[str, Member]]
+    encode: Callable[[np.ndarray, np.ndarray, float], dict[str, np.ndarray]]
+    decode: Callable[[Mapping[str, torch.Tensor], float], torch.Tensor]
+    qk_dtype: str = "float32"        # precision ``encode`` needs q, k in (the writer casts on the device)
+    error_bound: str = ""            # the documented bound, in words (README, manifests, reports)
+    lossless: bool = False           # decodes to the stored teacher's logits up to fp16/fp32 rounding
+    rank: int | None = None          # low-rank codecs only
+
+
+_PRECISIONS = {"fp16": "float16", "fp32": "float32", "int8": "int8"}
+_LAYOUT_PRECISIONS = {"qk": ("fp16", "fp32", "int8"), "logits": ("fp16",), "lowrank": ("fp16", "fp32", "int8")}
+_NAME = re.compile(r"^(?P<layout>[a-z]+)(?:-r(?P<rank>[^-]*))?-(?P<precision>[a-z0-9]+)$")
+
+
+def parse_codec_name(name: str) -> tuple[str, int | None, str]:
+    """``'lowrank-r32-fp16'`` -> ``('lowrank', 32, 'fp16')``; errors name the offending field."""
+    m = _NAME.match(name)
+    if m is None:
+        raise CacheFormatError(f"unknown attention codec {name!r}: expected none, qk-<precision>, "
+                               "logits-<precision> or lowrank-r<rank>-<precision>")
+    layout, rank, prec = m["layout"], m["rank"], m["precision"]
+    if layout not in _LAYOUT_PRECISIONS:
+        raise CacheFormatError(f"unknown attention codec {name!r}: field 'layout' must be one of "
+                               f"{sorted(_LAYOUT_PRECISIONS)}, got {layout!r}")
+    if (rank is not None) != (layout == "lowrank"):
+        raise CacheFormatError(f"unknown attention codec {name!r}: field 'rank' (-r<R>) is required for "
+                               "lowrank and not allowed otherwise")
+    if rank is not None and not (rank.isdigit() and int(rank) >= 1):
+        raise CacheFormatError(f"unknown attention codec {name!r}: field 'rank' must be an integer >= 1, "
+                               f"got {rank!r}")
+    if prec not in _LAYOUT_PRECISIONS[layout]:
+        raise CacheFormatError(f"unknown attention codec {name!r}: field 'precision' must be one of "
+                               f"{list(_LAYOUT_PRECISIONS[layout])} for layout {layout!r}, got {prec!r}")
+    return layout, int(rank) if rank is not None else None, prec
+
+
+def _qk_shape(s: Any, width: int) -> tuple[int, ...]:
+    return (len(s.layers), s.num_heads, s.num_tokens, width)
+
+
+def _store(x: np.ndarray, prec: str) -> np.ndarray:
+    return pack_int8(x) if prec == "int8" else x.astype(_PRECISIONS[prec], copy=False)
+
+
+def _load(t: torch.Tensor, prec: str) -> torch.Tensor:
+    return unpack_int8(t) if prec == "int8" else t.float()
+
+
+def _row_dims(width: int, prec: str) -> int:
+    return width + 2 if prec == "int8" else width
+
+
+def _qk_codec(prec: str) -> AttnCodec:
+    centre = prec == "int8"  # lossless variants keep q, k bit-for-bit (old caches, exact checks)
+
+    def encode(q: np.ndarray, k: np.ndarray, scale: float) -> dict[str, np.ndarray]:
+        if centre:
+            k = k - k.mean(axis=-2, keepdims=True, dtype=np.float64).astype(np.float32)
+        return {"q": _store(q, prec), "k": _store(k, prec)}
+
+    def decode(arrays: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
+        # Same order of operations as timm's unfused attention: (q * scale) @ k^T, in fp32.
+        q, k = _load(arrays["q"], prec), _load(arrays["k"], prec)
+        return (q * scale) @ k.transpose(-1, -2)
+
+    bounds = {"fp32": "exact q, k; logits to fp32 matmul rounding",
+              "fp16": "|dlogit_ij| <= 2^-10 * scale * |q_i|_2 |k_j|_2 (q, k rounded to fp16)",
+              "int8": "row-centred logits: |dlogit_ij| <= scale * (|q_i|_1 s_kj + s_qi |k_j|_1 + hd s_qi s_kj / 2) / 2, "
+                      "s = stored row scale ~ max|row| / 127"}
+    return AttnCodec(f"qk-{prec}", _PRECISIONS[prec],
+                     lambda s: {n: (_PRECISIONS[prec], _qk_shape(s, _row_dims(s.head_dim, prec))) for n in ("q", "k")},
+                     encode, decode, qk_dtype="float32" if prec == "int8" else _PRECISIONS[prec],
+                     error_bound=bounds[prec], lossless=prec != "int8")
+
+
+def _logits_codec(prec: str) -> AttnCodec:
+    dtype = _PRECISIONS[prec]
+
+    def encode(q: np.ndarray, k: np.ndarray, scale: float) -> dict[str, np.ndarray]:
+        logits = (q.astype(np.float32) * np.float32(scale)) @ np.swapaxes(k, -1, -2).astype(np.float32)
+        return {"logits": logits.astype(dtype)}
+
+    def decode(arrays: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
+        return arrays["logits"].float()
+
+    return AttnCodec(f"logits-{prec}", dtype,
+                     lambda s: {"logits": (dtype, (len(s.layers), s.num_heads, s.num_tokens, s.num_tokens))},
+                     encode, decode, error_bound="|dlogit| <= 2^-11 |logit| (fp16 rounding)", lossless=True)
+
+
+def lowrank_factors(q: np.ndarray, k: np.ndarray, scale: float, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced rank-``rank`` factors a, b (..., T, rank) with a bᵀ the best (Frobenius) approximation
+    of the row-centred logits ``scale · q (k − k̄)ᵀ`` (Eckart–Young).
+
+    The T×T matrix is never formed: thin QRs q = Q_q R_q, k = Q_k R_k reduce the SVD to the small
+    (hd × hd) core ``scale · R_q R_kᵀ``; float64 throughout so that the factors are exact to fp32.
+    """
+    qt = torch.from_numpy(np.ascontiguousarray(q)).double()
+    kt = torch.from_numpy(np.ascontiguousarray(k)).double()
+    kt = kt - kt.mean(dim=-2, keepdim=True)
+    qq, rq = torch.linalg.qr(qt)                     # (.., T, K), (.., K, hd), K = min(T, hd)
+    qk, rk = torch.linalg.qr(kt)
+    u, sv, vh = torch.linalg.svd(scale * rq @ rk.mT)  # (.., K, K)
+    root = sv[..., :rank].sqrt().unsqueeze(-2)        # (.., 1, r): split sigma evenly, keeps fp16 in range
+    a = (qq @ u[..., :rank]) * root
+    b = (qk @ vh[..., :rank, :].mT) * root
+    return a.float().numpy(), b.float().numpy()
+
+
+def _lowrank_codec(rank: int, prec: str) -> AttnCodec:
+    def encode(q: np.ndarray, k: np.ndarray, scale: float) -> dict[str, np.ndarray]:
+        a, b = lowrank_factors(q, k, scale, rank)
+        return {"q": _store(a, prec), "k": _store(b, prec)}
+
+    def decode(arrays: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
+        # the attention scale is already folded into the factors
+        return _load(arrays["q"], prec) @ _load(arrays["k"], prec).transpose(-1, -2)
+
+    def members(s: Any) -> dict[str, Member]:
+        limit = min(s.head_dim, s.num_tokens)
+        if rank > limit:
+            raise CacheFormatError(f"attention codec 'lowrank-r{rank}-{prec}': field 'rank' is {rank} but the "
+                                   f"logits have rank <= min(head_dim, tokens) = {limit}; use r <= {limit} or qk-*")
+        return {n: (_PRECISIONS[prec], _qk_shape(s, _row_dims(rank, prec))) for n in ("q", "k")}
+
+    bound = (f"row-centred logits: |d|_F <= (sum_(i>{rank}) sigma_i^2)^(1/2) (truncated SVD) "
+             f"+ {prec} storage of the factors")
+    return AttnCodec(f"lowrank-r{rank}-{prec}", _PRECISIONS[prec], members, encode, decode,
+                     error_bound=bound, rank=rank)
+
+
+def _no_attention() -> AttnCodec:
+    def decode(arrays: Mapping[str, torch.Tensor], scale: float) -> torch.Tensor:
+        raise CacheFormatError("this teacher group was written with codec 'none' (no attention stored)")
+
+    return AttnCodec("none", "float16", lambda s: {}, lambda q, k, scale: {}, decode,
+                     error_bound="no attention stored")
+
+
+@lru_cache(maxsize=None)
+def get_codec(name: str) -> AttnCodec:
+    """The codec of a name (any rank for ``lowrank``); ``CacheFormatError`` naming the bad field."""
+    if name == "none":
+        return _no_attention()
+    layout, rank, prec = parse_codec_name(name)
+    if layout == "qk":
+        return _qk_codec(prec)
+    if layout == "logits":
+        return _logits_codec(prec)
+    assert rank is not None
+    return _lowrank_codec(rank, prec)
+
+
+# The named set documented in the README and swept by benchmarks/bench_codecs.py; get_codec also
+# accepts any other rank.
+CODECS: dict[str, AttnCodec] = {n: get_codec(n) for n in (
+    "qk-fp32", "qk-fp16", "logits-fp16", "qk-int8", "lowrank-r32-fp16", "lowrank-r16-int8",
+    "lowrank-r24-int8", "lowrank-r32-int8", "none")}
+
+
+def row_centred(logits: torch.Tensor) -> torch.Tensor:
+    """Logits minus their per-row mean: the softmax-invariant part every codec must preserve."""
+    return logits - logits.mean(dim=-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature codecs
+# ----------------------------------------------------------------------------------------------
+
+FEAT_CODECS = ("plain", "int8")
+
+
+def feat_members(feat_codec: str, feat_dtype: str, num_tokens: int, embed_dim: int) -> dict[str, Member]:
+    if feat_codec == "plain":
+        return {"feat": (feat_dtype, (num_tokens, embed_dim))}
+    if feat_codec == "int8":
+        return {"feat": ("int8", (num_tokens, embed_dim)), "feat_scale": ("float16", (num_tokens,))}
+    raise CacheFormatError(f"unknown feature codec {feat_codec!r}: field 'feat_codec' must be one of {list(FEAT_CODECS)}")
+
+
+def encode_features(feat: np.ndarray, feat_codec: str, feat_dtype: str) -> dict[str, np.ndarray]:
+    """(T, D) float -> named arrays. int8: per-token scale s, |x̂ − x| ≤ s/2, so 1 − cos ≤ D s² / (4 |x|²)."""
+    if feat_codec == "plain":
+        return {"feat": feat.astype(feat_dtype, copy=False)}
+    feat_members(feat_codec, feat_dtype, *feat.shape)  # validates the name
+    packed = pack_int8(feat)
+    values, scale = packed[..., :-2], np.ascontiguousarray(packed[..., -2:]).view("<f2")[..., 0]
+    return {"feat": np.ascontiguousarray(values), "feat_scale": scale.astype(np.float16)}
+
+
+def decode_features(arrays: Mapping[str, Any]) -> torch.Tensor:
+    """Batched ``feat`` (+ ``feat_scale``) tensors or arrays -> float32 (N, T, D), magnitudes restored."""
+    feat = _float(arrays["feat"])
+    if "feat_scale" in arrays:
+        feat = feat * _float(arrays["feat_scale"]).unsqueeze(-1)
+    return feat
+
+
+def _float(x: Any) -> torch.Tensor:
+    # astype copies, so read-only zero-copy views of shard bytes are never wrapped by torch
+    return torch.from_numpy(np.asarray(x).astype(np.float32)) if not torch.is_tensor(x) else x.float()

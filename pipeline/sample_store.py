@@ -1,0 +1,175 @@
+"""The sample store of `haste eval`: a zarr group that fills chunk by chunk and resumes.
+
+    samples.zarr/
+      images  uint8  (N, H, W, 3)  chunks (chunk, H, W, 3), uncompressed (sampled pixels barely compress)
+      labels  int64  (N,)          class of each image
+      seeds   uint32 (N,)          the per-image seed its noise came from
+      done    uint8  (num_chunks,) chunk size 1: 1 once a chunk's images, labels and seeds are written
+      attrs["haste"]               what produced the store (checkpoint, sampler, seed, ...)
+
+Chunk c holds images [c·chunk, (c+1)·chunk). zarr writes each chunk file atomically, but a chunk
+of images is only *complete* when its ``done`` flag is set, which happens after all three data
+chunks are on disk; a run killed in between leaves the flag at 0 and the chunk is redone. The
+``done`` array has one file per chunk so concurrent ranks never rewrite each other's flags.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class SampleStoreError(ValueError):
+    """The store on disk cannot serve this request; the message names the path and fields."""
+
+
+class SampleStore:
+    def __init__(self, path: Path, group: Any):
+        self.path, self.group = Path(path), group
+        self.images, self.labels = group["images"], group["labels"]
+        self.seeds, self.done = group["seeds"], group["done"]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.group.attrs["haste"])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def chunk(self) -> int:
+        return int(self.images.chunks[0])
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_samples / self.chunk)
+
+    def chunk_range(self, c: int) -> range:
+        return range(c * self.chunk, min((c + 1) * self.chunk, self.num_samples))
+
+    def completed(self) -> np.ndarray:
+        return np.asarray(self.done[:], dtype=bool)
+
+    def pending(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Incomplete chunks of this rank (round-robin, so every rank gets an even share)."""
+        done = self.completed()
+        return [c for c in range(rank, self.num_chunks, world_size) if not done[c]]
+
+    def is_complete(self) -> bool:
+        return bool(self.completed().all())
+
+    def write_chunk(self, c: int, images: np.ndarray, labels: np.ndarray, seeds: np.ndarray) -> None:
+        rows = self.chunk_range(c)
+        if images.shape != (len(rows), *self.images.shape[1:]) or images.dtype != np.uint8:
+            raise SampleStoreError(f"chunk {c} needs uint8 images {(len(rows), *self.images.shape[1:])}, "
+                                   f"got {images.dtype} {images.shape}")
+        sl = slice(rows.start, rows.stop)
+        self.images[sl] = images
+        self.labels[sl] = labels
+        self.seeds[sl] = seeds
+        self.done[c] = 1  # last: marks the chunk complete
+
+    def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for c in range(self.num_chunks):
+            rows = self.chunk_range(c)
+            yield self.images[rows.start:rows.stop], self.labels[rows.start:rows.stop]
+
+
+def meta_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[int, int, int],
+               meta: dict[str, Any], create: bool = True) -> SampleStore:
+    """Open (or create) the store at ``path``; an existing store must have been made with ``meta``.
+
+    ``meta`` is plain JSON data describing everything that determines the pixels (checkpoint,
+    sampler settings, seed, label mode, ...). A store from other settings is refused, naming the
+    fields, rather than silently mixing two sample sets in one FID.
+    """
+    import zarr
+
+    path = Path(path)
+    meta = {**meta, "num_samples": num_samples, "chunk": chunk, "shape": list(shape)}
+    group = zarr.open_group(str(path), mode="r+") if (path / "zarr.json").is_file() else None
+    old = dict(group.attrs.get("haste", {})) if group is not None else {}
+    if old:  # (a group without our attrs is a creation that was killed: made again below)
+        diff = meta_diff(old, meta)
+        if diff:
+            lines = "\n".join(f"  {k}: store has {a!r}, this run wants {b!r}" for k, (a, b) in diff.items())
+            raise SampleStoreError(f"sample store {path} was made with other settings:\n{lines}\n"
+                                   "Use another output directory, or restore these values.")
+        _remove_partials(path)
+        return SampleStore(path, group)
+    if not create:
+        raise SampleStoreError(f"no sample store at {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(path), mode="w")
+    n_chunks = math.ceil(num_samples / chunk)
+    group.create_array("images", shape=(num_samples, *shape), chunks=(chunk, *shape), dtype="uint8",
+                       fill_value=0, compressors=None)
+    group.create_array("labels", shape=(num_samples,), chunks=(chunk,), dtype="int64", fill_value=-1)
+    group.create_array("seeds", shape=(num_samples,), chunks=(chunk,), dtype="uint32", fill_value=0)
+    group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
+    group.attrs["haste"] = meta  # written last: a store without it is not ours (and is rewritten)
+    return SampleStore(path, group)
+
+
+def _remove_partials(path: Path) -> None:
+    """zarr's temp files (``*.partial``) from a killed write; they never count, but take space."""
+    for p in path.rglob("*.partial"):
+        p.unlink(missing_ok=True)
+
+
+def export_npz(store: SampleStore, out: Path) -> Path:
+    """The ADM evaluator's sample batch: ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` int64 labels.
+
+    Streamed chunk by chunk into an uncompressed zip (what ``np.savez`` writes), so 50K images
+    (9.8 GB) never sit in memory; written to a temp name and renamed.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shape = (store.num_samples, *store.images.shape[1:])
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                for images, _ in store.iter_chunks():
+                    f.write(np.ascontiguousarray(images).tobytes())
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(store.labels[:], dtype=np.int64))
+            zf.writestr("arr_1.npy", buf.getvalue())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def write_grid(images: np.ndarray, path: Path, cols: int | None = None) -> Path:
+    """A PNG contact sheet of uint8 (N, H, W, 3) images, row-major."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,252 @@
+"""Stage 3: sample a trained SiT into a resumable zarr store, export, and compute metrics.
+
+    haste eval --config configs/imagenet-haste-sit-xl.yaml --set checkpoint=runs/xl/checkpoints/ema-4000000.pt
+    torchrun --nproc-per-node 8 -m stages.cli eval ...      # ranks split the chunks
+
+Outputs under ``out`` (default ``<run_dir>/eval/<tag>``): ``samples.zarr`` (the store, see
+pipeline/sample_store.py), ``samples.npz`` (ADM evaluator layout), ``grid.png`` and
+``metrics.json``. Rerunning the same command samples only the missing chunks; a finished store
+goes straight to the metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import configs, dist
+from pipeline.configs import ConfigError, check
+from pipeline.metrics import MetricsConfig, compute_metrics, summary_line
+from pipeline.sample_store import SampleStore, export_npz, open_store, write_grid
+from pipeline.shards import atomic_write_json
+from pipeline.vae import DEFAULT_VAE, decode_latents, load_vae
+from trainer import checkpoint
+from trainer.generate import LoadedModel, generate_latents, image_labels, image_seeds, load_model
+from trainer.sampling import SamplerConfig
+
+log = logging.getLogger(__name__)
+
+# The paper's evaluation (SPEC §5.3, Table 15): SDE Euler–Maruyama, 250 steps; with CFG 1.65 on t ∈ [0, 0.72].
+SAMPLER_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(mode="sde", num_steps=250, cfg_scale=1.0),
+    "paper-cfg": dict(mode="sde", num_steps=250, cfg_scale=1.65, guidance_low=0.0, guidance_high=0.72),
+    "ode-heun-50": dict(mode="ode", num_steps=50, heun=True, cfg_scale=1.0),
+}
+SD_VAE_SCALE = 0.18215
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    checkpoint: str | None = None      # ema-*.pt / step-*.pt / an official HASTE or REPA .pt; or
+    run_dir: str | None = None         # a training run: its newest complete checkpoint's EMA export
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields the checkpoint lacks (official files)
+    out: str | None = None             # default: <run_dir>/eval/<tag> (<checkpoint dir>/../eval/<tag>)
+    num_samples: int = 50_000
+    batch_size: int = 64               # images per rank per step = one zarr chunk
+    seed: int = 0
+    labels: Literal["uniform", "balanced"] = "uniform"   # uniform random = the ADM protocol
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    vae: str | None = None             # default: the VAE the training cache used, else sd-vae-ft-ema
+    latent_scale: float | None = None  # default: from the checkpoint's cache record, else 0.18215
+    latent_bias: float | None = None
+    rounding: Literal["round", "truncate"] = "round"     # truncate = the official generate.py
+    precision: Literal["fp32", "bf16"] = "fp32"          # the official sampler runs fp32 (TF32 on)
+    tf32: bool = True
+    device: str = "auto"
+    grid_count: int = 64
+    npz: bool = True                   # write samples.npz (arr_0) for the ADM evaluator
+    # FID, P/R and KID need `metrics.reference` (ADM's VIRTUAL_imagenet256_labeled.npz); without a
+    # metrics section only IS is computed.
+    metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(metrics=("is",)))
+    compute: bool = True               # false: sample and export only
+
+    def __post_init__(self) -> None:
+        check((self.checkpoint is None) != (self.run_dir is None), "checkpoint",
+              "give exactly one of 'checkpoint' (a .pt file) or 'run_dir' (a training run)")
+        check(self.num_samples >= 1, "num_samples", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
+        check(self.grid_count >= 0, "grid_count", "must be >= 0")
+        check(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+
+
+def load_eval_config(path: str | Path | None, overrides: tuple[str, ...] = ()) -> EvalConfig:
+    data = configs.load_yaml(path).get("eval", {}) if path else {}
+    data = configs.apply_overrides(data or {}, overrides)
+    sampler = dict(data.get("sampler") or {})
+    preset = sampler.pop("preset", None)
+    if preset is not None:
+        check(preset in SAMPLER_PRESETS, "sampler.preset", f"unknown preset {preset!r} (known: {', '.join(SAMPLER_PRESETS)})")
+        sampler = {**SAMPLER_PRESETS[preset], **sampler}
+    data["sampler"] = sampler
+    try:
+        return configs.build(EvalConfig, data)
+    except ConfigError:
+        raise
+    except ValueError as e:  # SamplerConfig / MetricsConfig name their own fields
+        raise ConfigError(str(e)) from None
+
+
+def resolve_checkpoint(cfg: EvalConfig) -> Path:
+    if cfg.checkpoint is not None:
+        path = Path(cfg.checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return path
+    ckpts = checkpoint.list_checkpoints(cfg.run_dir)
+    if not ckpts:
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoint.ckpt_dir(cfg.run_dir)} (train first)")
+    ema = ckpts[-1].with_name(ckpts[-1].name.replace("step-", "ema-"))
+    return ema if ema.is_file() else ckpts[-1]
+
+
+def sample_tag(cfg: EvalConfig) -> str:
+    """A directory name that tells sample sets apart: sampler, steps, guidance, seed, count."""
+    s = cfg.sampler
+    mode = f"{s.mode}{'-heun' if s.heun else ''}-{s.num_steps}"
+    guide = f"cfg{s.cfg_scale:g}" + (f"-{s.guidance_low:g}-{s.guidance_high:g}" if s.cfg_scale > 1 else "")
+    return f"{mode}-{guide}-seed{cfg.seed}-n{cfg.num_samples}"
+
+
+def output_dir(cfg: EvalConfig, ckpt: Path, step: int | None) -> Path:
+    if cfg.out is not None:
+        return Path(cfg.out)
+    root = Path(cfg.run_dir) if cfg.run_dir else ckpt.parent.parent
+    prefix = f"step-{step:07d}-" if step is not None else ""
+    return root / "eval" / (prefix + sample_tag(cfg))
+
+
+def decoding(cfg: EvalConfig, loaded: LoadedModel) -> tuple[str, int, float, float]:
+    """(vae name, vae seed, scale, bias): the config's, else the training cache's, else SD defaults."""
+    rec = loaded.latents or {}
+    vae_rec = rec.get("vae") or {}
+    name = cfg.vae or vae_rec.get("name") or DEFAULT_VAE
+    seed = int(vae_rec.get("seed", 0)) if name == vae_rec.get("name") else 0
+    scale = cfg.latent_scale if cfg.latent_scale is not None else float(rec.get("scale", SD_VAE_SCALE))
+    bias = cfg.latent_bias if cfg.latent_bias is not None else float(rec.get("bias", 0.0))
+    return name, seed, scale, bias
+
+
+def store_meta(cfg: EvalConfig, ckpt: Path, loaded: LoadedModel, vae: tuple[str, int, float, float]) -> dict:
+    """Everything that determines the pixels; a store made with anything else is refused."""
+    return {"checkpoint": str(ckpt.resolve()), "checkpoint_bytes": ckpt.stat().st_size, "step": loaded.step,
+            "sampler": configs.to_dict(cfg.sampler), "seed": cfg.seed, "labels": cfg.labels,
+            "vae": vae[0], "vae_seed": vae[1], "latent_scale": vae[2], "latent_bias": vae[3],
+            "rounding": cfg.rounding, "precision": cfg.precision, "model": dict(cfg.model)}
+
+
+def _sample_chunks(cfg: EvalConfig, store: SampleStore, loaded: LoadedModel, vae, scale: float, bias: float,
+                   d: dist.DistInfo) -> int:
+    """Fill this rank's missing chunks; returns how many images it sampled."""
+    pending = store.pending(d.rank, d.world_size)
+    num_classes = loaded.model.cfg.num_classes
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    done = 0
+    bar = tqdm(total=sum(len(store.chunk_range(c)) for c in pending), unit="img", desc="sample",
+               disable=not d.is_main, dynamic_ncols=True)
+    for c in pending:
+        idx = np.asarray(store.chunk_range(c))
+        seeds, labels = image_seeds(cfg.seed, idx), image_labels(cfg.seed, idx, num_classes, cfg.labels)
+        with autocast:
+            z = generate_latents(loaded.model, seeds, labels, cfg.sampler)
+        images = decode_latents(vae, z, scale, bias, rounding=cfg.rounding).permute(0, 2, 3, 1).cpu().numpy()
+        store.write_chunk(c, images, labels, seeds)
+        done += len(idx)
+        bar.update(len(idx))
+    bar.close()
+    return done
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """Sample (resuming), export, and compute metrics; returns the summary dict (rank 0)."""
+    d = dist.init(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    ckpt = resolve_checkpoint(cfg)
+    loaded = load_model(ckpt, overrides=cfg.model, device=d.device)
+    vae_name, vae_seed, scale, bias = decoding(cfg, loaded)
+    m = loaded.model.cfg
+    side = m.input_size * 8
+    out = output_dir(cfg, ckpt, loaded.step)
+    meta = store_meta(cfg, ckpt, loaded, (vae_name, vae_seed, scale, bias))
+    if d.is_main:  # rank 0 creates (or validates) the store; the others open it after the barrier
+        open_store(out / "samples.zarr", num_samples=cfg.num_samples, chunk=cfg.batch_size, shape=(side, side, 3),
+                   meta=meta)
+    dist.barrier()
+    store = open_store(out / "samples.zarr", num_samples=cfg.num_samples, chunk=cfg.batch_size,
+                       shape=(side, side, 3), meta=meta, create=False)
+    t0 = time.perf_counter()
+    sampled = 0
+    if not store.is_complete():
+        vae = load_vae(vae_name, seed=vae_seed, device=d.device)[0]
+        log.info("sampling %d images (%s, NFE %d) into %s", cfg.num_samples, sample_tag(cfg), cfg.sampler.nfe, out)
+        sampled = _sample_chunks(cfg, store, loaded, vae, scale, bias, d)
+    seconds = time.perf_counter() - t0
+    dist.barrier()
+    if not d.is_main:
+        return {}
+    if not store.is_complete():
+        raise RuntimeError(f"{store.path}: chunks still missing after sampling; rerun the same command to finish")
+    return _finish(cfg, store, out, ckpt, loaded, sampled, seconds)
+
+
+def _finish(cfg: EvalConfig, store: SampleStore, out: Path, ckpt: Path, loaded: LoadedModel, sampled: int,
+            seconds: float) -> dict[str, Any]:
+    """Rank 0: grid, npz, metrics.json and the one-line summary."""
+    grid = write_grid(store.images[:min(cfg.grid_count, store.num_samples)], out / "grid.png") \
+        if cfg.grid_count else None
+    npz = export_npz(store, out / "samples.npz") if cfg.npz else None
+    result: dict[str, Any] = {
+        "out": str(out), "checkpoint": str(ckpt), "checkpoint_source": loaded.source, "step": loaded.step,
+        "num_samples": store.num_samples, "sampler": configs.to_dict(cfg.sampler), "nfe": cfg.sampler.nfe,
+        "seed": cfg.seed, "labels": cfg.labels, "store": str(store.path), "grid": str(grid) if grid else None,
+        "npz": str(npz) if npz else None,
+        "sampling": {"images": sampled, "seconds": round(seconds, 2),
+                     "images_per_s": round(sampled / seconds, 3) if sampled else None},
+    }
+    if cfg.compute:
+        mcfg = cfg.metrics
+        if mcfg.reference and mcfg.reference.startswith("synthetic:"):
+            ref = synthetic_reference(mcfg.reference, loaded.model.cfg.num_classes, store.images.shape[1], out)
+            mcfg = dataclasses.replace(mcfg, reference=str(ref))
+        metrics = compute_metrics(store.images, mcfg)
+        result["metrics"] = metrics
+        result["summary"] = summary_line(metrics)
+        log.info("%s", result["summary"])
+    atomic_write_json(out / "metrics.json", result)
+    return result
+
+
+def synthetic_reference(spec: str, num_classes: int, size: int, out: Path) -> Path:
+    """``synthetic:<n>[:<seed>]``: the demo's training images as a reference batch (``arr_0``).
+
+    The synthetic dataset is deterministic, so the images the demo trained on are regenerated
+    (ADM-cropped to the sample size, exactly as preprocess saw them) instead of shipped.
+    """
+    from PIL import Image
+
+    from pipeline.images import center_crop_adm
+    from pipeline.synth import synth_image
+
+    parts = spec.split(":")
+    try:
+        n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+    except (IndexError, ValueError):
+        raise ConfigError(f"config field 'metrics.reference': {spec!r} is not synthetic:<n>[:<seed>]") from None
+    path = out / f"reference-synthetic-{n}-{num_classes}cls-seed{seed}-{size}px.npz"
+    if not path.is_file():
+        images = np.stack([np.asarray(center_crop_adm(Image.fromarray(synth_image(i, num_classes, size, seed)[0]), size))
+                           for i in range(n)])
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, arr_0=images)
+        tmp.replace(path)
+    return path

@@ -1,0 +1,110 @@
+"""Image generation for evaluation: per-image seeds and labels, model loading, one batch → pixels.
+
+Image i depends on (seed, i) only (EDM2's per-sample generators; SPEC §5.4 ties noise to the
+rank instead): its seed is ``SeedSequence([seed, i])``, which drives its initial noise and,
+for the SDE, its per-step noise; its label comes from a second stream of the same pair. So a
+batch of 1 and a batch of 256, on 1 or 8 ranks, give identical images.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from trainer import checkpoint
+from trainer.model import ModelConfig, SiT, model_config
+from trainer.sampling import PerSampleNoise, SamplerConfig, sample
+
+log = logging.getLogger(__name__)
+
+LabelMode = Literal["uniform", "balanced"]
+_LABEL_STREAM = 1  # SeedSequence spawn key that separates labels from noise
+
+
+def image_seeds(seed: int, indices: Sequence[int]) -> np.ndarray:
+    """uint32 seed of each image index: a hash of (seed, i), so nearby indices are unrelated."""
+    return np.array([np.random.SeedSequence([seed, int(i)]).generate_state(1)[0] for i in indices], dtype=np.uint32)
+
+
+def image_labels(seed: int, indices: Sequence[int], num_classes: int, mode: LabelMode = "uniform") -> np.ndarray:
+    """Class of each image: uniform random (the ADM protocol, SPEC §5.4) or balanced (i mod K)."""
+    if mode == "balanced":
+        return np.asarray(indices, dtype=np.int64) % num_classes
+    if mode != "uniform":
+        raise ValueError(f"labels must be 'uniform' or 'balanced', got {mode!r}")
+    return np.array([np.random.default_rng([seed, int(i), _LABEL_STREAM]).integers(num_classes) for i in indices],
+                    dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: SiT
+    source: str                     # "ema-export", "checkpoint" or "official"
+    step: int | None
+    latents: dict[str, Any] | None  # vae identity, scale, bias, num_classes, when the file records them
+
+
+def _official_config(args: Any, overrides: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from an official checkpoint's argparse Namespace (`--model SiT-XL/2` etc.)."""
+    name = getattr(args, "model", None)
+    if name is None:
+        raise RuntimeError("official checkpoint has no args.model; pass eval.model (e.g. preset SiT-XL/2)")
+    fields = {"input_size": int(getattr(args, "resolution", 256)) // 8,
+              "num_classes": int(getattr(args, "num_classes", 1000)),
+              "qk_norm": bool(getattr(args, "qk_norm", False)), "z_dim": 0}
+    return model_config(name, **{**fields, **overrides})
+
+
+def load_model(path: str | Path, overrides: dict[str, Any] | None = None,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """The EMA weights of our ema export, our full checkpoint, or an official HASTE/REPA file.
+
+    Projector weights are dropped (sampling never uses them), so official files load whatever
+    their ``--projector-embed-dims`` (SPEC §5.4's strict-load trap does not apply).
+    """
+    path, overrides = Path(path), dict(overrides or {})
+    ckpt = checkpoint.load(path)
+    if "model_config" in ckpt:
+        source, cfg = "ema-export", ModelConfig(**{**ckpt["model_config"], **overrides, "z_dim": 0})
+        latents = ckpt.get("latents")
+    elif path.with_suffix(".json").is_file() and "train_state" in ckpt:
+        meta = checkpoint.load_meta(path)
+        source, cfg = "checkpoint", ModelConfig(**{**meta["config"]["model"], **overrides, "z_dim": 0})
+        latents = meta.get("latents")
+    elif "args" in ckpt:
+        source, cfg, latents = "official", _official_config(ckpt["args"], overrides), None
+    else:
+        raise RuntimeError(f"{path}: not an EMA export, a checkpoint with its .json sidecar, or an official "
+                           "HASTE/REPA checkpoint (no 'model_config', sidecar or 'args')")
+    state = {k: v for k, v in checkpoint.model_state_for_inference(ckpt).items() if not k.startswith("projectors.")}
+    model = SiT(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise RuntimeError(f"{path}: weights do not fit the model {cfg} ({first[1].strip() if len(first) > 1 else e})"
+                           ) from None
+    model.eval().requires_grad_(False).to(device)
+    step = ckpt.get("steps")
+    log.info("loaded %s (%s, step %s): %s", path, source, step, cfg)
+    return LoadedModel(model, source, int(step) if step is not None else None, latents)
+
+
+@torch.no_grad()
+def generate_latents(model: SiT, seeds: np.ndarray, labels: np.ndarray, cfg: SamplerConfig,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sample one batch; row i depends only on seeds[i] and labels[i]. Returns float32 latents."""
+    device = next(model.parameters()).device
+    m = model.cfg
+    noise_source = PerSampleNoise(seeds.tolist())  # CPU generators: the same streams on every machine
+    noise = noise_source.randn((len(seeds), m.in_channels, m.input_size, m.input_size), device=device).to(dtype)
+    fn = lambda x, t, y: model(x, t, y).out  # noqa: E731
+    y = torch.as_tensor(labels, device=device)
+    z = sample(fn, noise, y, cfg, null_label=m.num_classes, generator=noise_source)
+    return z.to(torch.float32)
