@@ -4,13 +4,16 @@ VENV    ?= .venv
 CONFIG  ?= configs/demo.yaml
 CACHE   ?= cache
 RUN     ?= runs/demo
+SRC     ?= data
+VAE     ?= stabilityai/sd-vae-ft-ema
+OUT     ?= export
 ARGS    ?=
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1   # the index's CUDA build (runs on CPU); see README
 BIN     := $(VENV)/bin
 HASTE   := $(BIN)/haste
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install test test-fast lint preprocess verify train eval demo bench bench-preprocess bench-train bench-eval clean
+.PHONY: help install test test-fast lint preprocess verify train eval import-edm2 export-edm2 demo bench bench-preprocess bench-train bench-eval clean
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -45,6 +48,12 @@ train: $(STAMP)  ## train on the cache: CONFIG, CACHE, RUN, ARGS (rerun to resum
 
 eval: $(STAMP)  ## sample the newest checkpoint of RUN + metrics: CONFIG, RUN, ARGS (rerun to resume)
 	$(HASTE) eval --config $(CONFIG) --set run_dir=$(RUN) $(ARGS)
+
+import-edm2: $(STAMP)  ## import an edm2/REPA/HASTE dataset SRC (images/ + vae-sd/, VAE) into CACHE: CONFIG, ARGS
+	$(HASTE) import edm2 $(SRC) --vae $(VAE) --config $(CONFIG) --set out=$(CACHE) $(ARGS)
+
+export-edm2: $(STAMP)  ## write CACHE's newest latents group as $(OUT)/vae-sd (edm2 layout)
+	$(HASTE) export edm2 $(CACHE) $(OUT)
 
 demo: preprocess train eval  ## the whole demo chain on CPU
 

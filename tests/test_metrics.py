@@ -379,7 +379,7 @@ def test_reference_features_are_cached(tmp_path, monkeypatch, shapes, noise, ref
     calls = []
     real = m.extract_features
     monkeypatch.setattr(m, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cfg = _cfg(reference=refs["images"], metrics=("kid",), cache_root=str(tmp_path / "cache"))
+    cfg = _cfg(reference=refs["images"], metrics=("kid",), kid_subsets=10, cache_root=str(tmp_path / "cache"))
     first = compute_metrics(noise, cfg)
     second = compute_metrics(noise, cfg)
     assert len(calls) == 3                                # samples twice, reference once
