@@ -55,7 +55,11 @@ import-edm2: $(STAMP)  ## import an edm2/REPA/HASTE dataset SRC (images/ + vae-s
 export-edm2: $(STAMP)  ## write CACHE's newest latents group as $(OUT)/vae-sd (edm2 layout)
 	$(HASTE) export edm2 $(CACHE) $(OUT)
 
-demo: preprocess train eval  ## the whole demo chain on CPU
+demo: preprocess train eval  ## the whole demo chain on CPU: preprocess -> train (Phase I -> II) -> eval
+	@echo ""
+	@echo "demo done. cache: $(CACHE)/   run: $(RUN)/"
+	@echo "  training previews  $(RUN)/samples/step-*.png    losses  $(RUN)/loss.png, $(RUN)/stats.jsonl"
+	@echo "  eval               $$(ls -d $(RUN)/eval/*/ | tail -1)  (grid.png, samples.npz, metrics.json)"
 
 bench: bench-preprocess bench-train bench-eval  ## every benchmark, then one report (JSON + markdown + PNG)
 	$(BIN)/python benchmarks/report.py

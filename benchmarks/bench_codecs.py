@@ -71,26 +71,45 @@ def _logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def attention_row(spec: TeacherSpec, name: str, q: torch.Tensor, k: torch.Tensor, exact: torch.Tensor,
-                  stress: tuple[torch.Tensor, torch.Tensor], device: torch.device, reps: int) -> dict:
-    """Bytes, encode/decode images/s and fidelity of one attention codec."""
+                  stress: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Bytes and fidelity of one attention codec (teacher sweep and flat-spectrum stress), and its
+    encoded batch (for the decode timing)."""
     codec = get_codec(name)
-    qn, kn = q.to(getattr(torch, codec.qk_dtype)).numpy(), k.to(getattr(torch, codec.qk_dtype)).numpy()
-    t0 = time.perf_counter()
-    enc = [codec.encode(qn[i], kn[i], spec.scale) for i in range(len(qn))]
-    enc_s = (time.perf_counter() - t0) / len(qn)
-    batch = {m: torch.from_numpy(np.stack([e[m] for e in enc])).to(device) for m in enc[0]}
-    dec_s = interleaved_medians({"d": lambda: codec.decode(batch, spec.scale)}, reps, 1, device)["d"] / len(qn)
-    decoded = codec.decode(batch, spec.scale).cpu()
-    fid = fidelity.measure(exact, decoded, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
+
+    def encoded(qs: torch.Tensor, ks: torch.Tensor) -> dict[str, torch.Tensor]:
+        dt = getattr(torch, codec.qk_dtype)  # what the writer hands over
+        enc = [codec.encode(a, b, spec.scale) for a, b in zip(qs.to(dt).numpy(), ks.to(dt).numpy())]
+        return {m: torch.from_numpy(np.stack([e[m] for e in enc])) for m in enc[0]}
+
+    batch = encoded(q, k)
+    fid = fidelity.measure(exact, codec.decode(batch, spec.scale), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
     sq, sk = stress
-    s_enc = [codec.encode(a, b, spec.scale) for a, b in zip(sq.numpy(), sk.numpy())]
-    s_dec = codec.decode({m: torch.from_numpy(np.stack([e[m] for e in s_enc])) for m in enc[0]}, spec.scale)
-    s_fid = fidelity.measure(_logits(sq, sk, spec.scale), s_dec, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
-    nbytes = attn_bytes(spec, name)
-    return {"codec": name, "attn_bytes": nbytes, "error_bound": codec.error_bound,
-            "encode_img_per_s": round(1 / enc_s, 1), "decode_img_per_s": round(1 / dec_s, 1),
-            "sharpness": fid["sharpness"], "worst": {k: v for k, v in fid["worst"].items() if not k.startswith("feat")},
-            "stress_grad_cos_min": s_fid["worst"]["grad_cos_min"]}
+    s_fid = fidelity.measure(_logits(sq, sk, spec.scale), codec.decode(encoded(sq, sk), spec.scale),
+                             torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
+    row = {"codec": name, "attn_bytes": attn_bytes(spec, name), "error_bound": codec.error_bound,
+           "sharpness": fid["sharpness"], "worst": {k: v for k, v in fid["worst"].items() if not k.startswith("feat")},
+           "stress_grad_cos_min": s_fid["worst"]["grad_cos_min"]}
+    return row, batch
+
+
+def speeds(spec: TeacherSpec, rows: list[dict], batches: dict[str, dict], q: torch.Tensor, k: torch.Tensor,
+           device: torch.device, reps: int) -> None:
+    """Encode (one image, on the CPU as the writer does) and batched decode (on ``device``) images/s,
+    timed round-robin over all codecs so that machine noise hits all alike."""
+    n = q.shape[0]
+    enc_fns, dec_fns = {}, {}
+    for r in rows:
+        codec = get_codec(r["codec"])
+        dt = getattr(torch, codec.qk_dtype)
+        q0, k0 = q[0].to(dt).numpy(), k[0].to(dt).numpy()
+        enc_fns[r["codec"]] = lambda c=codec, a=q0, b=k0: c.encode(a, b, spec.scale)
+        on_dev = {m: t.to(device) for m, t in batches[r["codec"]].items()}
+        dec_fns[r["codec"]] = lambda c=codec, b=on_dev: c.decode(b, spec.scale)
+    enc = interleaved_medians(enc_fns, reps, 1, torch.device("cpu"))
+    dec = interleaved_medians(dec_fns, reps, 1, device)
+    for r in rows:
+        r["encode_img_per_s"] = round(1 / enc[r["codec"]], 1)
+        r["decode_img_per_s"] = round(n / dec[r["codec"]], 1)
 
 
 def feature_row(spec: TeacherSpec, feat_codec: str, feat_dtype: str, feat: torch.Tensor) -> dict:
@@ -132,23 +151,25 @@ def loader_vs_step(default: dict, args) -> dict:
     from trainer.config import load_train_config
     from trainer.phases import build_phases
 
-    out: dict = {"model": "SiT-B/2", "batch": args.batch, "device": "cpu"}
     bargs = SimpleNamespace(device="cpu", model="SiT-B/2", batch=args.batch, precision="bf16", compile=False)
+    phase = build_phases(load_train_config(None, overrides(bargs)).align)[0]
+    out: dict = {"model": "SiT-B/2", "batch": args.batch, "device": "cpu", "precision": "bf16"}
+    steps, loaders = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for codec, fc in (("qk-fp16", "plain"), (default["codec"], default["feat_codec"])):
-            root = Path(tmp) / "cache"
+            root = Path(tmp) / codec  # one cache per codec: loader_speed opens the newest pair
             run(PreprocessConfig(source=f"synthetic:{args.batch * 4}", synthetic_classes=8, out=str(root),
                                  resolution=256, shard_size=args.batch, vae="random:tiny", teacher="random:base",
                                  batch_size=args.batch, num_workers=0, device="cpu", codec=codec, feat_codec=fc))
-            cache = open_cache(root)  # the newest pair: this codec's teacher group, the shared latents
+            cache = open_cache(root)
             batch = next(iter(CacheStream(cache, with_teacher=True, batch_size=args.batch, seed=0)))
-            phase = build_phases(load_train_config(None, overrides(bargs)).align)[0]
-            step = step_fn(bargs, cache, batch, phase, z_dim=768)
-            sec = interleaved_medians({"s": step}, reps=args.step_reps, warmup=1, device=torch.device("cpu"))["s"]
-            loader = loader_speed(root, args.batch, args.loader_samples)
-            out[f"{codec}+{fc}"] = {"loader_samples_per_s": loader["phase1_samples_per_s"],
-                                     "step_samples_per_s": round(args.batch / sec, 3),
-                                     "loader_over_step": round(loader["phase1_samples_per_s"] * sec / args.batch, 1)}
+            name = f"{codec}+{fc}"
+            steps[name] = step_fn(bargs, cache, batch, phase, z_dim=768)
+            loaders[name] = loader_speed(root, args.batch, args.loader_samples)["phase1_samples_per_s"]
+        secs = interleaved_medians(steps, reps=args.step_reps, warmup=1, device=torch.device("cpu"))
+    for name, sec in secs.items():
+        out[name] = {"loader_samples_per_s": loaders[name], "step_samples_per_s": round(args.batch / sec, 3),
+                     "loader_over_step": round(loaders[name] * sec / args.batch, 1)}
     return out
 
 
@@ -199,9 +220,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="decode device")
     p.add_argument("--images", type=int, default=8)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3, help="timing repetitions (interleaved medians)")
     p.add_argument("--batch", type=int, default=4, help="loader/step batch (as bench-train)")
-    p.add_argument("--step-reps", type=int, default=3)
+    p.add_argument("--step-reps", type=int, default=4)
     p.add_argument("--loader-samples", type=int, default=64)
     p.add_argument("--skip-loader", action="store_true")
     args = p.parse_args()
@@ -212,10 +233,12 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     sq, sk = (torch.randn(q[:2].shape, generator=g) for _ in range(2))
     gain = (exact.std() / _logits(sq, sk, spec.scale).std()).sqrt()  # match the teacher's logit scale
-    attn = []
+    attn, batches = [], {}
     for name in ATTN_CODECS:
-        attn.append(attention_row(spec, name, q, k, exact, (sq * gain, sk * gain), device, args.reps))
-        log.info("%-18s %9d B  worst grad cos %.6f", name, attn[-1]["attn_bytes"], attn[-1]["worst"]["grad_cos_min"])
+        row, batches[name] = attention_row(spec, name, q, k, exact, (sq * gain, sk * gain))
+        attn.append(row)
+        log.info("%-18s %9d B  worst grad cos %.6f", name, row["attn_bytes"], row["worst"]["grad_cos_min"])
+    speeds(spec, attn, batches, q, k, device, args.reps)
     feats = [feature_row(spec, fc, fd, feat) for fc, fd in FEAT_CODECS]
     choice = choose_default(attn, feats)
     result = {"benchmark": "codecs", "env": environment(device), "teacher": "random:base (DINOv2-B arch)",

@@ -178,14 +178,6 @@ def inception_weights_path(explicit: str | None) -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def dinov2_unavailable_reason() -> str | None:
     """Why torch-fidelity's ``dinov2-vit-l-14`` cannot load offline, or None when its hub cache is populated.
 

@@ -53,10 +53,10 @@ from pipeline.extractors import (
     build_extractor,
     dinov2_unavailable_reason,
     extract_features,
-    file_sha256,
     inception_weights_path,
     load_reference,
 )
+from pipeline.shards import file_sha256
 
 __all__ = ["MetricsConfig", "MetricsError", "Reference", "compute_metrics", "feature_stats",
            "frechet_distance", "load_reference", "summary_line"]

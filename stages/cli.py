@@ -86,43 +86,46 @@ def preprocess(config_path: str | None, overrides: tuple[str, ...], dry_run: boo
         click.echo(json.dumps(result, indent=2))
 
 
+def _run_stage(load, run, config_path: str | None, overrides: tuple[str, ...], dry_run: bool) -> dict | None:
+    """Build the config (or print it with --dry-run), run the stage; rank 0 gets the result."""
+    from pipeline.configs import to_dict
+
+    cfg = run_guarded(load, config_path, overrides)
+    if dry_run:
+        click.echo(json.dumps(to_dict(cfg), indent=2))
+        return None
+    result = run_guarded(run, cfg)
+    dist.shutdown()
+    return result if int(os.environ.get("RANK", "0")) == 0 else None
+
+
+dry_run_option = click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+
+
 @main.command()
 @config_option
 @set_option
-@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+@dry_run_option
 def train(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) -> None:
     """Train SiT on a cache: Phase I with cached teacher targets, Phase II denoising only."""
-    from pipeline.configs import to_dict
+    from stages.train import run
     from trainer.config import load_train_config
 
-    cfg = run_guarded(load_train_config, config_path, overrides)
-    if dry_run:
-        click.echo(json.dumps(to_dict(cfg), indent=2))
-        return
-    from stages.train import run
-
-    result = run_guarded(run, cfg)
-    dist.shutdown()
-    if int(os.environ.get("RANK", "0")) == 0:
+    result = _run_stage(load_train_config, run, config_path, overrides, dry_run)
+    if result is not None:
         click.echo(json.dumps(result))
 
 
 @main.command("eval")
 @config_option
 @set_option
-@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+@dry_run_option
 def eval_(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) -> None:
     """Sample a checkpoint into a resumable zarr store, export npz + grid, compute FID/IS/P/R/KID."""
-    from pipeline.configs import to_dict
     from stages.evaluate import load_eval_config, run
 
-    cfg = run_guarded(load_eval_config, config_path, overrides)
-    if dry_run:
-        click.echo(json.dumps(to_dict(cfg), indent=2))
-        return
-    result = run_guarded(run, cfg)
-    dist.shutdown()
-    if int(os.environ.get("RANK", "0")) == 0:
+    result = _run_stage(load_eval_config, run, config_path, overrides, dry_run)
+    if result is not None:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "summary"}, indent=2))
         if "summary" in result:
             click.echo(result["summary"])
