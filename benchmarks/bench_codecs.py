@@ -205,8 +205,12 @@ def plot(result: dict, path: Path) -> None:
         xs = [r["attn_bytes"] / 1e6 for r in result["attention"]]
         ys = [max(1e-9, 1 - r["sharpness"][s]["grad_cos_min"]) for r in result["attention"]]
         ax.scatter(xs, ys, marker=marker, label=f"teacher logits x{s}")
+    xs = [r["attn_bytes"] / 1e6 for r in result["attention"]]
+    ax.scatter(xs, [max(1e-9, 1 - r["stress_grad_cos_min"]) for r in result["attention"]], marker="x", c="grey",
+               label="flat-spectrum stress (worst of x1/x5/x20)")
     for r in result["attention"]:
-        ax.annotate(r["codec"], (r["attn_bytes"] / 1e6, max(1e-9, 1 - r["worst"]["grad_cos_min"])), fontsize=7)
+        ax.annotate(r["codec"], (r["attn_bytes"] / 1e6, max(1e-9, 1 - r["worst"]["grad_cos_min"])), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points", rotation=20)
     ax.axhline(1 - fidelity.GRAD_COS_MIN, color="k", ls="--", lw=0.8, label="bar: grad cos 0.999")
     ax.set(xscale="log", yscale="log", xlabel="attention bytes per image (MB, 4 layers, 256 px)",
            ylabel="1 - gradient cosine (worst over images)", title="Teacher attention codecs: size vs fidelity")

@@ -203,17 +203,19 @@ def lowrank_factors(q: np.ndarray, k: np.ndarray, scale: float, rank: int) -> tu
 
     The T×T matrix is never formed: thin QRs q = Q_q R_q, k = Q_k R_k reduce the SVD to the small
     (hd × hd) core ``scale · R_q R_kᵀ``; float64 throughout so that the factors are exact to fp32.
+    numpy, not torch: this runs in the writer thread next to the teacher's torch work, and torch's
+    threaded batched LAPACK stalled for tens of seconds per image on a busy 2-core host.
     """
-    qt = torch.from_numpy(np.ascontiguousarray(q)).double()
-    kt = torch.from_numpy(np.ascontiguousarray(k)).double()
-    kt = kt - kt.mean(dim=-2, keepdim=True)
-    qq, rq = torch.linalg.qr(qt)                     # (.., T, K), (.., K, hd), K = min(T, hd)
-    qk, rk = torch.linalg.qr(kt)
-    u, sv, vh = torch.linalg.svd(scale * rq @ rk.mT)  # (.., K, K)
-    root = sv[..., :rank].sqrt().unsqueeze(-2)        # (.., 1, r): split sigma evenly, keeps fp16 in range
+    qd = q.astype(np.float64)
+    kd = k.astype(np.float64)
+    kd -= kd.mean(axis=-2, keepdims=True)
+    qq, rq = np.linalg.qr(qd)                         # (.., T, K), (.., K, hd), K = min(T, hd)
+    qk, rk = np.linalg.qr(kd)
+    u, sv, vh = np.linalg.svd(scale * rq @ np.swapaxes(rk, -1, -2))  # (.., K, K)
+    root = np.sqrt(sv[..., None, :rank])               # split sigma evenly: keeps fp16/int8 ranges balanced
     a = (qq @ u[..., :rank]) * root
-    b = (qk @ vh[..., :rank, :].mT) * root
-    return a.float().numpy(), b.float().numpy()
+    b = (qk @ np.swapaxes(vh[..., :rank, :], -1, -2)) * root
+    return a.astype(np.float32), b.astype(np.float32)
 
 
 def _lowrank_codec(rank: int, prec: str) -> AttnCodec:

@@ -21,6 +21,7 @@ reads the same feature dict. Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -77,7 +78,7 @@ class MetricsConfig:
     metrics: tuple[str, ...] = METRICS
     fd_dinov2: bool = False                    # torch-fidelity dinov2-vit-l-14; skipped if not cached
     batch_size: int = 64
-    device: str = "cpu"                        # "cpu", "cuda" or "cuda:N"
+    device: str = "auto"                       # "auto" (cuda when visible), "cpu", "cuda" or "cuda:N"
     prc_k: int = 3
     is_splits: int = 10
     kid_subsets: int = 100
@@ -99,8 +100,8 @@ class MetricsConfig:
         check(self.reference is not None or not needs_ref, "reference",
               f"{needs_ref} need a reference (.npz or image folder); set reference= or metrics=('is',)")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None, "device",
-              f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
+              f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         check(self.prc_k >= 1, "prc_k", f"must be >= 1, got {self.prc_k}")
         check(self.is_splits >= 1, "is_splits", f"must be >= 1, got {self.is_splits}")
         check(self.kid_subsets >= 1, "kid_subsets", f"must be >= 1, got {self.kid_subsets}")
@@ -187,6 +188,8 @@ def compute_metrics(images: Any, cfg: MetricsConfig) -> dict[str, Any]:
     reference or the inputs are missing or malformed.
     """
     t0 = time.perf_counter()
+    if cfg.device == "auto":  # 50K Inception passes take ~2 h on a CPU, minutes on a GPU
+        cfg = dataclasses.replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
     inp = _prepare(images, cfg)
     active = [m for m in cfg.metrics if m not in inp.skipped]
     result = _header(cfg, inp)
