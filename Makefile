@@ -13,7 +13,7 @@ BIN     := $(VENV)/bin
 HASTE   := $(BIN)/haste
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install test test-fast lint preprocess verify train eval import-edm2 export-edm2 demo bench bench-preprocess bench-train bench-eval clean
+.PHONY: help install test test-fast lint preprocess verify train eval import-edm2 export-edm2 demo bench bench-preprocess bench-train bench-eval bench-codecs clean
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -34,7 +34,7 @@ test-fast: $(STAMP)  ## fast CPU tests only
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check pipeline trainer stages tests
+	$(BIN)/ruff check pipeline trainer stages tests benchmarks
 
 preprocess: $(STAMP)  ## build the cache: CONFIG, CACHE, ARGS
 	$(HASTE) preprocess --config $(CONFIG) --set out=$(CACHE) $(ARGS)
@@ -61,7 +61,7 @@ demo: preprocess train eval  ## the whole demo chain on CPU: preprocess -> train
 	@echo "  training previews  $(RUN)/samples/step-*.png    losses  $(RUN)/loss.png, $(RUN)/stats.jsonl"
 	@echo "  eval               $$(ls -d $(RUN)/eval/*/ | tail -1)  (grid.png, samples.npz, metrics.json)"
 
-bench: bench-preprocess bench-train bench-eval  ## every benchmark, then one report (JSON + markdown + PNG)
+bench: bench-preprocess bench-train bench-eval bench-codecs  ## every benchmark, then one report (JSON + markdown + PNG)
 	$(BIN)/python benchmarks/report.py
 
 bench-preprocess: $(STAMP)  ## preprocess images/s vs bare model compute
@@ -73,6 +73,9 @@ bench-train: $(STAMP)  ## step time: cached Phase I / Phase II vs denoise-only v
 bench-eval: $(STAMP)  ## sampling images/s (NFE stated) vs the official batch RNG; feature extraction images/s
 	$(BIN)/python benchmarks/bench_eval.py $(ARGS)
 	$(BIN)/python benchmarks/bench_eval_features.py
+
+bench-codecs: $(STAMP)  ## teacher codecs: bytes/image vs fidelity (x1/x5/x20, stress), encode/decode img/s, loader vs step
+	$(BIN)/python benchmarks/bench_codecs.py $(ARGS)
 
 clean:  ## remove the demo cache and runs (not .venv)
 	rm -rf $(CACHE) runs benchmarks/results

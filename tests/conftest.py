@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -32,3 +33,13 @@ def demo_cache(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo_cache")
     run(tiny_preprocess_config(out))
     return out
+
+
+@pytest.fixture
+def restore_logging():
+    """The CLI configures the root logger (basicConfig(force=True)); put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

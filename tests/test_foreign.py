@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 import zipfile
@@ -253,14 +252,6 @@ def test_interrupted_import_resumes_to_the_same_bytes(edm2_import, monkeypatch, 
 # ----------------------------------------------------------------------------------------------
 # errors: one line, naming the files
 
-
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def cli_import(src: Path, out: Path, *extra: str):

@@ -87,15 +87,6 @@ def decoded_by_index(root: Path) -> dict[int, dict]:
     return out
 
 
-@pytest.fixture
-def restore_logging():
-    """The CLI configures the root logger (basicConfig(force=True)); put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
 
 def cli_sets(out: Path, **overrides) -> list[str]:
     cfg = tiny_preprocess_config(out, **overrides)
