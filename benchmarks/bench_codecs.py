@@ -1,14 +1,22 @@
 """Teacher codecs: bytes per image vs measured fidelity, encode/decode speed, ImageNet projection.
 
 The DINOv2-B architecture at random init (no weights can be downloaded), 256 px synthetic
-images, the 4 HASTE layers 8-11. For every attention codec: bytes per image, encode and decode
-images/s, and pipeline.fidelity's metrics against the exact fp32 teacher at sharpness x1/x5/x20
-(a random-init teacher attends far more uniformly than a trained one; sharper softmaxes amplify
-logit errors). A "flat spectrum" stress column repeats the sweep on i.i.d. Gaussian q, k with the
-teacher's logit scale: no low-rank structure at all, the worst case for the lowrank codecs.
+images, the 4 HASTE layers 8-11. For every attention codec: bytes per image, encode (device-side
+cast/pack + the writer thread's encode, one image) and decode images/s, and pipeline.fidelity's
+metrics against the exact fp32 teacher at sharpness x1/x5/x20 (a random-init teacher attends far
+more uniformly than a trained one; sharper softmaxes amplify logit errors).
+
+Stress tests, each the worst case over the same x1/x5/x20 sweep, one input for every codec:
+- flat spectrum: i.i.d. Gaussian qkv input tokens x and projections W (zero bias), scaled to the
+  teacher's logit scale, so q = x Wᵀ, k are i.i.d. Gaussian too: no low-rank structure at all
+  (the worst case for lowrank-*), and nothing for tokens-* to exploit either;
+- channel outliers (reported, not part of the rule): the same with 4 of the 768 token channels
+  x20, as LayerNorm outputs of trained ViTs can have; per-token int8 rows of x (tokens-int8) then
+  spend their range on those channels, while qk-int8 rows see them mixed by W.
 The default is the smallest (attention + features) pair whose worst case over the teacher sweep
-keeps gradient cosine >= 0.999 and mean feature cosine error <= 1e-3. Last, the Phase I loader
-with that default is timed against a CPU training step that decodes it (SiT-B/2, as bench-train).
+AND the flat-spectrum stress keeps gradient cosine >= 0.999, with mean feature cosine error
+<= 1e-3. Last, the Phase I loader with that default is timed against a CPU training step that
+decodes it (SiT-B/2, as bench-train).
 
     python benchmarks/bench_codecs.py [--images 8] [--device cuda] [--skip-loader]
 Writes benchmarks/results/codecs-<device>.{json,md,png}.
@@ -31,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, environment, interleaved_medians, write  # noqa: E402
 from pipeline import fidelity  # noqa: E402
-from pipeline.codecs import decode_features, encode_features, get_codec  # noqa: E402
+from pipeline.codecs import AttnCodec, decode_features, encode_features, get_codec  # noqa: E402
+from pipeline.codecs_tokens import qk_from_tokens, tokens_codec  # noqa: E402
 from pipeline.schema import TEACHER, TeacherSpec, bytes_per_sample  # noqa: E402
 from pipeline.synth import synth_image  # noqa: E402
 from pipeline.teacher import load_teacher  # noqa: E402
@@ -39,20 +48,43 @@ from pipeline.teacher import load_teacher  # noqa: E402
 IMAGENET_N = 1_281_167
 ATTN_CODECS = ("qk-fp32", "qk-fp16", "logits-fp16", "qk-int8", "lowrank-r48-fp16", "lowrank-r32-fp16",
                "lowrank-r24-fp16", "lowrank-r16-fp16", "lowrank-r48-int8", "lowrank-r32-int8", "lowrank-r24-int8",
-               "lowrank-r16-int8", "lowrank-r8-int8")
+               "lowrank-r16-int8", "lowrank-r8-int8", "tokens-int8")
 FEAT_CODECS = (("plain", "float32"), ("plain", "float16"), ("int8", "float16"))
+# Variants measured for the record, not candidates: (codec, the registered name with the same bytes).
+ABLATIONS = {"tokens-int8 without the fixed basis": (tokens_codec("int8", fixed_basis=False), "tokens-int8")}
 log = logging.getLogger("bench_codecs")
 
 
-def teacher_batch(n: int, device: torch.device):
+Source = dict[str, torch.Tensor]  # q, k (N, L, H, T, hd), x (N, L, T, D), qk_weight, qk_bias: what codecs encode
+
+
+def teacher_batch(n: int, device: torch.device) -> tuple[TeacherSpec, torch.Tensor, Source]:
     """Exact fp32 teacher outputs of n synthetic 256 px images, and the matching spec."""
-    teacher, _ = load_teacher("random:base", layers=(8, 9, 10, 11), resolution=256, device=device)
+    teacher, _ = load_teacher("random:base", layers=(8, 9, 10, 11), resolution=256, device=device,
+                              capture=("q", "k", "x"))
     imgs = torch.stack([torch.from_numpy(synth_image(i, 8, 256)[0]) for i in range(n)]).permute(0, 3, 1, 2)
     out = teacher(imgs.contiguous(), "fp32")
     spec = TeacherSpec(layers=(8, 9, 10, 11), num_heads=teacher.num_heads, head_dim=teacher.head_dim,
                        embed_dim=teacher.embed_dim, grid=teacher.grid, num_prefix_tokens=teacher.num_prefix_tokens,
                        scale=teacher.scale)
-    return spec, out.feat.cpu(), out.q.cpu(), out.k.cpu()
+    src = {"q": out.q.cpu(), "k": out.k.cpu(), "x": out.x.cpu(),
+           **{n: torch.from_numpy(a) for n, a in teacher.qk_params().items()}}
+    return spec, out.feat.cpu(), src
+
+
+def stress_source(spec: TeacherSpec, n: int, target_std: float, outliers: int = 0) -> Source:
+    """Gaussian tokens x and projections W (zero bias) with exact q, k, at the teacher's logit std;
+    ``outliers`` token channels are scaled x20 (see the module docstring)."""
+    g = torch.Generator().manual_seed(0)
+    layers, heads, hd, d = len(spec.layers), spec.num_heads, spec.head_dim, spec.embed_dim
+    x = torch.randn(n, layers, spec.num_tokens, d, generator=g)
+    x[..., :outliers] *= 20
+    w = torch.randn(layers, 2, heads, hd, d, generator=g) / d ** 0.5
+    b = torch.zeros(layers, 2, heads, hd)
+    q, k = qk_from_tokens(x, w, b)
+    w = w * (target_std / float(_logits(q, k, spec.scale).std())) ** 0.5  # logits scale with W²
+    q, k = qk_from_tokens(x, w, b)
+    return {"q": q, "k": k, "x": x, "qk_weight": w, "qk_bias": b}
 
 
 def attn_bytes(spec: TeacherSpec, codec: str) -> int:
@@ -70,41 +102,54 @@ def _logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     return get_codec("qk-fp32").decode({"q": q, "k": k}, scale)
 
 
-def attention_row(spec: TeacherSpec, name: str, q: torch.Tensor, k: torch.Tensor, exact: torch.Tensor,
-                  stress: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Bytes and fidelity of one attention codec (teacher sweep and flat-spectrum stress), and its
-    encoded batch (for the decode timing)."""
-    codec = get_codec(name)
+def encode_one(codec: AttnCodec, src: Source, i: int, scale: float) -> dict[str, np.ndarray]:
+    """Image i as the writer stores it: the codec's inputs cast/packed (on the device), then encoded."""
+    return codec.encode(*(codec.on_device(src[n][i]).numpy() for n in codec.inputs), scale)
 
-    def encoded(qs: torch.Tensor, ks: torch.Tensor) -> dict[str, torch.Tensor]:
-        dt = getattr(torch, codec.qk_dtype)  # what the writer hands over
-        enc = [codec.encode(a, b, spec.scale) for a, b in zip(qs.to(dt).numpy(), ks.to(dt).numpy())]
-        return {m: torch.from_numpy(np.stack([e[m] for e in enc])) for m in enc[0]}
 
-    batch = encoded(q, k)
-    fid = fidelity.measure(exact, codec.decode(batch, spec.scale), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
-    sq, sk = stress
-    s_fid = fidelity.measure(_logits(sq, sk, spec.scale), codec.decode(encoded(sq, sk), spec.scale),
-                             torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
-    row = {"codec": name, "attn_bytes": attn_bytes(spec, name), "error_bound": codec.error_bound,
-           "sharpness": fid["sharpness"], "worst": {k: v for k, v in fid["worst"].items() if not k.startswith("feat")},
-           "stress_grad_cos_min": s_fid["worst"]["grad_cos_min"]}
+def stored_params(codec: AttnCodec, spec: TeacherSpec, src: Source) -> dict[str, torch.Tensor]:
+    """The group arrays as a cache stores them (tokens-*: W R, b), from the source's W, b."""
+    names = codec.params(spec)
+    if not names:
+        return {}
+    return {n: torch.from_numpy(a) for n, a in codec.store_params({n: src[n].numpy() for n in names}).items()}
+
+
+def _decoded(codec: AttnCodec, spec: TeacherSpec, src: Source) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    enc = [encode_one(codec, src, i, spec.scale) for i in range(src["q"].shape[0])]
+    batch = {m: torch.from_numpy(np.stack([e[m] for e in enc])) for m in enc[0]}
+    return codec.decode(batch, spec.scale, stored_params(codec, spec, src)), batch
+
+
+def attention_row(spec: TeacherSpec, name: str, src: Source, exact: torch.Tensor, stresses: dict[str, Source],
+                  codec: AttnCodec | None = None, bytes_as: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Bytes and fidelity of one attention codec (teacher sweep and stress tests), and its encoded
+    batch (for the decode timing). ``codec``/``bytes_as``: an unregistered variant (ABLATIONS)."""
+    codec = codec or get_codec(name)
+    none = torch.zeros(1, 1, 1)
+    decoded, batch = _decoded(codec, spec, src)
+    fid = fidelity.measure(exact, decoded, none, none)
+    row = {"codec": name, "attn_bytes": attn_bytes(spec, bytes_as or name), "error_bound": codec.error_bound,
+           "sharpness": fid["sharpness"], "worst": {k: v for k, v in fid["worst"].items() if not k.startswith("feat")}}
+    for label, s in stresses.items():
+        s_fid = fidelity.measure(_logits(s["q"], s["k"], spec.scale), _decoded(codec, spec, s)[0], none, none)
+        row[f"{label}_grad_cos_min"] = s_fid["worst"]["grad_cos_min"]
     return row, batch
 
 
-def speeds(spec: TeacherSpec, rows: list[dict], batches: dict[str, dict], q: torch.Tensor, k: torch.Tensor,
+def speeds(spec: TeacherSpec, rows: list[dict], batches: dict[str, dict], src: Source,
            device: torch.device, reps: int) -> None:
-    """Encode (one image, on the CPU as the writer does) and batched decode (on ``device``) images/s,
-    timed round-robin over all codecs so that machine noise hits all alike."""
-    n = q.shape[0]
+    """Encode (one image: the device-side cast or pack, then the writer thread's encode; both on the
+    CPU here) and batched decode (on ``device``, group arrays already there as the trainer keeps
+    them) images/s, timed round-robin over all codecs so that machine noise hits all alike."""
+    n = src["q"].shape[0]
     enc_fns, dec_fns = {}, {}
     for r in rows:
         codec = get_codec(r["codec"])
-        dt = getattr(torch, codec.qk_dtype)
-        q0, k0 = q[0].to(dt).numpy(), k[0].to(dt).numpy()
-        enc_fns[r["codec"]] = lambda c=codec, a=q0, b=k0: c.encode(a, b, spec.scale)
+        enc_fns[r["codec"]] = lambda c=codec: encode_one(c, src, 0, spec.scale)
         on_dev = {m: t.to(device) for m, t in batches[r["codec"]].items()}
-        dec_fns[r["codec"]] = lambda c=codec, b=on_dev: c.decode(b, spec.scale)
+        params = {n: t.to(device) for n, t in stored_params(codec, spec, src).items()}
+        dec_fns[r["codec"]] = lambda c=codec, b=on_dev, p=params: c.decode(b, spec.scale, p)
     enc = interleaved_medians(enc_fns, reps, 1, torch.device("cpu"))
     dec = interleaved_medians(dec_fns, reps, 1, device)
     for r in rows:
@@ -126,19 +171,23 @@ def feature_row(spec: TeacherSpec, feat_codec: str, feat_dtype: str, feat: torch
 
 
 def choose_default(attn: list[dict], feats: list[dict]) -> dict:
-    """Smallest (attention, features) pair meeting the bar in the worst case of the teacher sweep."""
+    """Smallest (attention, features) pair meeting the bar in the worst case of the teacher sweep
+    AND of the flat-spectrum stress (a trained teacher's spectrum is unknown here)."""
+    bar = fidelity.GRAD_COS_MIN
     pairs = [{"codec": a["codec"], "feat": f["feat"], "feat_codec": f["feat_codec"], "feat_dtype": f["feat_dtype"],
               "bytes_per_image": a["attn_bytes"] + f["feat_bytes"],
               "grad_cos_min": a["worst"]["grad_cos_min"], "feat_cos_err_mean": f["cos_err_mean"],
-              "stress_grad_cos_min": a["stress_grad_cos_min"]}
+              "stress_grad_cos_min": a["stress_grad_cos_min"], "outlier_grad_cos_min": a["outlier_grad_cos_min"]}
              for a in attn for f in feats]
     for p in pairs:
-        p["meets_bar"] = p["grad_cos_min"] >= fidelity.GRAD_COS_MIN and p["feat_cos_err_mean"] <= fidelity.FEAT_COS_ERR_MAX
+        p["meets_sweep"] = p["grad_cos_min"] >= bar and p["feat_cos_err_mean"] <= fidelity.FEAT_COS_ERR_MAX
+        p["meets_bar"] = p["meets_sweep"] and p["stress_grad_cos_min"] >= bar
         p["imagenet_gb"] = round(p["bytes_per_image"] * IMAGENET_N / 1e9, 1)
     ok = sorted((p for p in pairs if p["meets_bar"]), key=lambda p: p["bytes_per_image"])
-    spectrum_ok = [p for p in ok if p["stress_grad_cos_min"] >= fidelity.GRAD_COS_MIN]
-    return {"rule": "smallest bytes with worst-case grad_cos >= 0.999 and mean feature cos err <= 1e-3",
-            "default": ok[0] if ok else None, "default_if_flat_spectrum": spectrum_ok[0] if spectrum_ok else None,
+    sweep_ok = sorted((p for p in pairs if p["meets_sweep"]), key=lambda p: p["bytes_per_image"])
+    return {"rule": "smallest bytes whose worst case over the sharpness sweep AND the flat-spectrum stress keeps "
+                    "grad_cos >= 0.999, with mean feature cos err <= 1e-3",
+            "default": ok[0] if ok else None, "smallest_sweep_only": sweep_ok[0] if sweep_ok else None,
             "passing": ok}
 
 
@@ -176,21 +225,28 @@ def loader_vs_step(default: dict, args) -> dict:
 def markdown(result: dict) -> str:
     sh = ("1", "5", "20")
     lines = ["| attention codec | bytes/image | " + " | ".join(f"KL max x{s} | grad cos x{s}" for s in sh)
-             + " | loss rel err (worst) | flat-spectrum grad cos | encode img/s | decode img/s |",
-             "|---|---:|" + "---:|" * (2 * len(sh)) + "---:|---:|---:|---:|"]
+             + " | loss rel err (worst) | flat-spectrum grad cos | channel-outlier grad cos | encode img/s"
+             " | decode img/s |",
+             "|---|---:|" + "---:|" * (2 * len(sh)) + "---:|---:|---:|---:|---:|"]
     for r in result["attention"]:
         cells = " | ".join(f"{r['sharpness'][s]['kl_max']:.2e} | {r['sharpness'][s]['grad_cos_min']:.6f}" for s in sh)
         lines.append(f"| {r['codec']} | {r['attn_bytes']:,} | {cells} | {r['worst']['loss_rel_err_max']:.1e} | "
-                     f"{r['stress_grad_cos_min']:.6f} | {r['encode_img_per_s']} | {r['decode_img_per_s']} |")
+                     f"{r['stress_grad_cos_min']:.6f} | {r['outlier_grad_cos_min']:.6f} | {r['encode_img_per_s']} | "
+                     f"{r['decode_img_per_s']} |")
+    for r in result.get("ablation", []):  # not a candidate: measured to show what a design choice buys
+        cells = " | ".join(f"{r['sharpness'][s]['kl_max']:.2e} | {r['sharpness'][s]['grad_cos_min']:.6f}" for s in sh)
+        lines.append(f"| *{r['codec']}* | {r['attn_bytes']:,} | {cells} | {r['worst']['loss_rel_err_max']:.1e} | "
+                     f"{r['stress_grad_cos_min']:.6f} | {r['outlier_grad_cos_min']:.6f} | | |")
     lines += ["", "| features | bytes/image | cos err mean | cos err max | encode img/s |", "|---|---:|---:|---:|---:|"]
     for f in result["features"]:
         lines.append(f"| {f['feat']} | {f['feat_bytes']:,} | {f['cos_err_mean']:.1e} | {f['cos_err_max']:.1e} | "
                      f"{f['encode_img_per_s']} |")
-    lines += ["", "| passing pair (attention + features) | bytes/image | ImageNet GB | worst grad cos | flat-spectrum |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["", f"Rule: {result['choice']['rule']}.", "",
+              "| passing pair (attention + features) | bytes/image | ImageNet GB | worst grad cos | flat-spectrum "
+              "| channel-outlier |", "|---|---:|---:|---:|---:|---:|"]
     for p in result["choice"]["passing"][:8]:
         lines.append(f"| {p['codec']} + {p['feat']} | {p['bytes_per_image']:,} | {p['imagenet_gb']} | "
-                     f"{p['grad_cos_min']:.6f} | {p['stress_grad_cos_min']:.6f} |")
+                     f"{p['grad_cos_min']:.6f} | {p['stress_grad_cos_min']:.6f} | {p['outlier_grad_cos_min']:.6f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -208,6 +264,8 @@ def plot(result: dict, path: Path) -> None:
     xs = [r["attn_bytes"] / 1e6 for r in result["attention"]]
     ax.scatter(xs, [max(1e-9, 1 - r["stress_grad_cos_min"]) for r in result["attention"]], marker="x", c="grey",
                label="flat-spectrum stress (worst of x1/x5/x20)")
+    ax.scatter(xs, [max(1e-9, 1 - r["outlier_grad_cos_min"]) for r in result["attention"]], marker="+", c="k",
+               label="channel-outlier stress (worst of x1/x5/x20)")
     for r in result["attention"]:
         ax.annotate(r["codec"], (r["attn_bytes"] / 1e6, max(1e-9, 1 - r["worst"]["grad_cos_min"])), fontsize=7,
                     xytext=(3, 3), textcoords="offset points", rotation=20)
@@ -232,31 +290,33 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     device = torch.device(args.device)
-    spec, feat, q, k = teacher_batch(args.images, device)
-    exact = _logits(q, k, spec.scale)
-    g = torch.Generator().manual_seed(0)
-    sq, sk = (torch.randn(q[:2].shape, generator=g) for _ in range(2))
-    gain = (exact.std() / _logits(sq, sk, spec.scale).std()).sqrt()  # match the teacher's logit scale
+    spec, feat, src = teacher_batch(args.images, device)
+    exact = _logits(src["q"], src["k"], spec.scale)
+    target = float(exact.std())  # the stress inputs get the teacher's logit scale
+    stresses = {"stress": stress_source(spec, 2, target), "outlier": stress_source(spec, 2, target, outliers=4)}
     attn, batches = [], {}
     for name in ATTN_CODECS:
-        row, batches[name] = attention_row(spec, name, q, k, exact, (sq * gain, sk * gain))
+        row, batches[name] = attention_row(spec, name, src, exact, stresses)
         attn.append(row)
-        log.info("%-18s %9d B  worst grad cos %.6f", name, row["attn_bytes"], row["worst"]["grad_cos_min"])
-    speeds(spec, attn, batches, q, k, device, args.reps)
+        log.info("%-18s %9d B  worst grad cos %.6f  stress %.6f  outliers %.6f", name, row["attn_bytes"],
+                 row["worst"]["grad_cos_min"], row["stress_grad_cos_min"], row["outlier_grad_cos_min"])
+    speeds(spec, attn, batches, src, device, args.reps)
+    ablation = [attention_row(spec, label, src, exact, stresses, codec, bytes_as)[0]
+                for label, (codec, bytes_as) in ABLATIONS.items()]
     feats = [feature_row(spec, fc, fd, feat) for fc, fd in FEAT_CODECS]
     choice = choose_default(attn, feats)
     result = {"benchmark": "codecs", "env": environment(device), "teacher": "random:base (DINOv2-B arch)",
               "layers": list(spec.layers), "images": args.images, "imagenet_images": IMAGENET_N,
               "teacher_entropy": {s: r["teacher_entropy"] for s, r in attn[0]["sharpness"].items()},
-              "attention": attn, "features": feats, "choice": choice}
+              "attention": attn, "ablation": ablation, "features": feats, "choice": choice}
     if not args.skip_loader and choice["default"] is not None:
         result["loader_vs_step"] = loader_vs_step(choice["default"], args)
     name = f"codecs-{device.type}"
     path = write(name, result, None)
     (RESULTS / f"{name}.md").write_text(markdown(result))
     plot(result, RESULTS / f"{name}.png")
-    print(markdown(result))
-    print(f"default: {choice['default']}\nloader vs step: {result.get('loader_vs_step')}\n-> {path}")
+    log.info("\n%s", markdown(result))
+    log.info("default: %s\nloader vs step: %s\n-> %s", choice["default"], result.get("loader_vs_step"), path)
 
 
 if __name__ == "__main__":

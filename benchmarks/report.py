@@ -31,6 +31,14 @@ HEADLINES: list[tuple[str, str, str, str]] = [
     ("train_step", "loader.phase1_over_raw", "Phase I loader / raw shard read", "higher is better"),
     ("eval_sampling", "ratios.per_image_seeds_over_official_rng", "sampling, per-image seeds / official batch RNG",
      "1 = free"),
+    ("codecs", "choice.default.bytes_per_image", "default teacher codec, bytes per image (qk-fp16: 3,541,760)",
+     "lower is better"),
+    ("codecs", "choice.default.grad_cos_min", "default codec, worst attention-gradient cosine (x1/x5/x20)",
+     ">= 0.999"),
+    ("codecs", "choice.default.stress_grad_cos_min", "default codec, gradient cosine on the flat-spectrum stress",
+     ">= 0.999"),
+    ("codecs", "loader_vs_step.tokens-int8+int8.loader_over_step", "Phase I loader (default codec) / train step",
+     "> 1 keeps up"),
 ]
 
 
@@ -78,7 +86,7 @@ def plot(table: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    numeric = [t for t in table if isinstance(t["value"], (int, float))]
+    numeric = [t for t in table if isinstance(t["value"], (int, float)) and 0 < t["value"] < 5]  # ratios only
     if not numeric:
         return
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(numeric) + 1.2))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +33,7 @@ from pipeline.schema import (
     GroupManifest,
     TeacherSpec,
     get_codec,
+    load_codec_params,
     read_manifest,
 )
 
@@ -57,10 +59,40 @@ class Cache:
     def num_shards(self) -> int:
         return len(self.latents.shards)
 
-    def teacher_logits(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Decoded attention logits (N, L, H, T, T) fp32 from a batch's codec arrays, on their device."""
-        assert self.teacher is not None and isinstance(self.teacher.spec, TeacherSpec)
-        return get_codec(self.teacher.spec.codec).decode(arrays, self.teacher.spec.scale)
+    def teacher_logits(self, arrays: dict[str, torch.Tensor], layer_index: Sequence[int] | None = None) -> torch.Tensor:
+        """Decoded attention logits (N, L', H, T, T) fp32 from a batch's codec arrays, on their device.
+
+        ``layer_index``: positions in ``spec.layers`` the arrays were cut to (all when None); a codec
+        with group-level arrays (tokens-*) gets the same layers of those, loaded once per device.
+        """
+        assert self.teacher is not None
+        return decode_teacher_logits(self.root, self.teacher, arrays, layer_index)
+
+
+def decode_teacher_logits(root: Path, manifest: GroupManifest, arrays: dict[str, torch.Tensor],
+                          layer_index: Sequence[int] | None = None) -> torch.Tensor:
+    """``Cache.teacher_logits`` for a teacher group's manifest (also used by ``haste cache verify``)."""
+    spec = manifest.spec
+    assert isinstance(spec, TeacherSpec)
+    codec = get_codec(spec.codec)
+    params = None
+    if codec.params(spec):
+        device = next(iter(arrays.values())).device
+        layers = tuple(range(len(spec.layers))) if layer_index is None else tuple(layer_index)
+        params = _device_params(str(group_dir(root, TEACHER, manifest.key)), spec,
+                                tuple(sorted((f, r["sha256"]) for f, r in manifest.codec_files.items())),
+                                str(device), layers)
+    return codec.decode(arrays, spec.scale, params)
+
+
+@lru_cache(maxsize=8)
+def _device_params(gdir: str, spec: TeacherSpec, sha: tuple[tuple[str, str], ...], device: str,
+                   layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """A teacher group's codec arrays (sha256-checked), cut to ``layers`` and moved to ``device`` once:
+    ~19 MB for DINOv2-B's 4 layers, read once per process rather than once per step. Keyed by the
+    recorded hashes too, so a rebuilt group under the same path is read again."""
+    arrays = load_codec_params(Path(gdir), spec, {f: {"sha256": h} for f, h in sha})
+    return {n: torch.from_numpy(a[list(layers)]).to(device) for n, a in arrays.items()}
 
 
 def open_cache(root: str | Path, *, latents: str | None = None, teacher: str | None = None,

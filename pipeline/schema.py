@@ -10,6 +10,9 @@ keys in the same order), so a latents-only reader never streams teacher bytes:
                                      [<k>.feat_scale.npy (T,)  feat_codec int8]
                                      <k>.q.npy <k>.k.npy (L, H, T, hd|r [+2])  codec qk-*, lowrank-*
                                      or <k>.logits.npy   (L, H, T, T)    codec logits-*
+                                     or <k>.x.npy        (L, T, D [+2])  codec tokens-*
+    teacher/<key>/codec/             qk_weight.npy (L, 2, H, hd, D), qk_bias.npy (L, 2, H, hd)
+                                     float32, once per group (codec tokens-*; sha256 in the manifest)
 
 Arrays are ``.npy`` written with ``allow_pickle=False`` and read back the same way: a cache can
 never execute code. See README "Cache format" for the manifest layout. The codecs themselves
@@ -19,6 +22,7 @@ never execute code. See README "Cache format" for the manifest layout. The codec
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 from collections.abc import Mapping
@@ -33,6 +37,7 @@ from pipeline.codecs import (  # noqa: F401  (re-exported: the schema is the one
     FEAT_CODECS,
     AttnCodec,
     CacheFormatError,
+    Member,
     decode_features,
     encode_features,
     feat_members,
@@ -153,15 +158,28 @@ def encode_latent_sample(spec: LatentSpec, label: int, moments: np.ndarray) -> d
     return {"moments.npy": npy_bytes(moments.astype(spec.dtype, copy=False)), "cls": str(int(label)).encode()}
 
 
-def encode_teacher_sample(spec: TeacherSpec, feat: np.ndarray, q: np.ndarray, k: np.ndarray) -> dict[str, bytes]:
-    """One teacher-group sample from feat (T, D) and q, k (L, H, T, hd), through the spec's codecs."""
-    expect_qk = (len(spec.layers), spec.num_heads, spec.num_tokens, spec.head_dim)
+def encode_teacher_sample(spec: TeacherSpec, feat: np.ndarray, q: np.ndarray | None = None,
+                          k: np.ndarray | None = None, *, x: np.ndarray | None = None) -> dict[str, bytes]:
+    """One teacher-group sample from feat (T, D) and the codec's inputs, through the spec's codecs:
+    q, k (L, H, T, hd), or for ``tokens-*`` the qkv input tokens x (L, T, D) (or int8 (L, T, D + 2)
+    already packed on the writer's device)."""
     if tuple(feat.shape) != (spec.num_tokens, spec.embed_dim):
         raise CacheFormatError(f"teacher features shape {feat.shape} != {(spec.num_tokens, spec.embed_dim)}")
     codec = get_codec(spec.codec)
-    if codec.name != "none" and (tuple(q.shape) != expect_qk or tuple(k.shape) != expect_qk):
+    given = {"q": q, "k": k, "x": x}
+    missing = [n for n in codec.inputs if given[n] is None]
+    if missing:
+        raise CacheFormatError(f"attention codec {codec.name!r} encodes teacher outputs {list(codec.inputs)}; "
+                               f"{missing} not given")
+    expect_qk = (len(spec.layers), spec.num_heads, spec.num_tokens, spec.head_dim)
+    if "q" in codec.inputs and (tuple(q.shape) != expect_qk or tuple(k.shape) != expect_qk):
         raise CacheFormatError(f"teacher q/k shape {q.shape}/{k.shape} != {expect_qk}")
-    arrays = {**encode_features(feat, spec.feat_codec, spec.feat_dtype), **codec.encode(q, k, spec.scale)}
+    if "x" in codec.inputs:
+        width = spec.embed_dim + 2 if x.dtype == np.int8 else spec.embed_dim  # int8: packed rows
+        if tuple(x.shape) != (len(spec.layers), spec.num_tokens, width):
+            raise CacheFormatError(f"teacher token (x) shape {x.shape} != {(len(spec.layers), spec.num_tokens, width)}")
+    encoded = codec.encode(*(given[n] for n in codec.inputs), spec.scale)
+    arrays = {**encode_features(feat, spec.feat_codec, spec.feat_dtype), **encoded}
     return {f"{name}.npy": npy_bytes(arr) for name, arr in arrays.items()}
 
 
@@ -199,6 +217,74 @@ def bytes_per_sample(kind: str, spec: LatentSpec | TeacherSpec) -> dict[str, int
             sizes[ext] = len(npy_bytes(np.zeros(info["shape"], dtype=info["dtype"])))
     tar = sum(512 + -(-n // 512) * 512 for n in sizes.values())  # header + padded payload per member
     return {"payload": sum(sizes.values()), "tar": tar, **{f"field:{k}": v for k, v in sizes.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Group-level codec files: arrays a codec decodes with, stored once per teacher group
+# ----------------------------------------------------------------------------------------------
+
+CODEC_DIR = "codec"  # <group>/codec/<name>.npy; tokens-*: the teacher's frozen q/k projections
+
+
+def codec_files(spec: TeacherSpec) -> dict[str, Member]:
+    """File name under ``<group>/codec/`` -> (dtype, shape), for the spec's codec (empty for most)."""
+    return {f"{name}.npy": m for name, m in get_codec(spec.codec).params(spec).items()}
+
+
+def encode_codec_params(spec: TeacherSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, bytes]:
+    """Checked .npy bytes per codec file, from the teacher's arrays (``Teacher.qk_params``) through the
+    codec's ``store_params`` (the writer renames them into place)."""
+    arrays = get_codec(spec.codec).store_params(arrays)
+    out = {}
+    for fname, (dtype, shape) in codec_files(spec).items():
+        arr = arrays.get(fname.removesuffix(".npy"))
+        if arr is None or tuple(arr.shape) != tuple(shape) or not np.isfinite(arr).all():
+            got = "missing" if arr is None else f"{arr.dtype} {tuple(arr.shape)}"
+            raise CacheFormatError(f"codec {spec.codec!r}: group file {fname} must be finite {dtype} "
+                                   f"{tuple(shape)}, got {got}")
+        out[fname] = npy_bytes(arr.astype(dtype, copy=False))
+    return out
+
+
+def _read_codec_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CacheFormatError(f"codec file missing: {path} (the teacher group is incomplete; delete it and "
+                               "re-run `haste preprocess`)") from None
+    except OSError as e:
+        raise CacheFormatError(f"codec file unreadable: {path} ({e})") from None
+
+
+def codec_file_records(group_dir: Path, spec: TeacherSpec) -> dict[str, dict[str, Any]]:
+    """sha256, bytes, dtype and shape of each codec file on disk (for the manifest); each file is
+    parsed as a plain .npy of the expected dtype and shape first."""
+    out: dict[str, dict[str, Any]] = {}
+    for fname, (dtype, shape) in codec_files(spec).items():
+        path = Path(group_dir) / CODEC_DIR / fname
+        data = _read_codec_file(path)
+        load_npy(data, dtype=dtype, shape=tuple(shape), where=str(path))
+        out[fname] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "dtype": dtype,
+                      "shape": list(shape)}
+    return out
+
+
+def load_codec_params(group_dir: Path, spec: TeacherSpec, records: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The group's codec arrays by name (writable copies), each checked against the manifest's sha256
+    and parsed by ``load_npy`` (never unpickled)."""
+    out = {}
+    for fname, (dtype, shape) in codec_files(spec).items():
+        path = Path(group_dir) / CODEC_DIR / fname
+        rec = records.get(fname)
+        if rec is None:
+            raise CacheFormatError(f"{Path(group_dir) / 'manifest.json'}: no record of codec file {fname}; "
+                                   "re-run `haste preprocess` to rebuild the teacher group")
+        data = _read_codec_file(path)
+        if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+            raise CacheFormatError(f"{path}: sha256 differs from the manifest (corrupt or replaced); "
+                                   "re-run `haste preprocess` to rebuild the teacher group")
+        out[fname.removesuffix(".npy")] = load_npy(data, dtype=dtype, shape=tuple(shape), where=str(path)).copy()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,6 +330,7 @@ class GroupManifest:
     schema_version: int = SCHEMA_VERSION
     classes: tuple[str, ...] = ()
     settings: dict[str, Any] = field(default_factory=dict)
+    codec_files: dict[str, Any] = field(default_factory=dict)  # <group>/codec/ file -> sha256, bytes, dtype, shape
 
     @property
     def num_samples(self) -> int:
@@ -274,7 +361,7 @@ class GroupManifest:
             return cls(kind=d["kind"], key=d["key"], spec=spec_from_dict(d["kind"], d["spec"]),
                        identity=d["identity"], source=d["source"], models=d["models"],
                        producer=d["producer"], shards=shards, classes=tuple(d.get("classes", ())),
-                       settings=d.get("settings", {}))
+                       settings=d.get("settings", {}), codec_files=d.get("codec_files", {}))
         except (KeyError, TypeError) as e:
             raise CacheFormatError(f"{where}: malformed manifest ({e!r})") from None
 

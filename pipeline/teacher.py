@@ -3,16 +3,20 @@
 No edits to timm or torch.hub sources (the official code overwrites DINOv2 files in the hub
 cache, SPEC §3.3). A forward hook on ``blocks[l].attn.qkv`` sees the (N, T, 3·D) projection;
 q and k of the patch tokens give the pre-softmax logits ``scale · q kᵀ`` exactly, and the same
-``forward_features`` call yields the final-norm patch tokens that REPA aligns to.
+``forward_features`` call yields the final-norm patch tokens that REPA aligns to. The same hook
+also sees the projection's input: the ``tokens-*`` codec stores those tokens and decodes q, k
+through the projection weights (``Teacher.qk_params``), which it stores once per teacher group.
+What the hook keeps is chosen by ``capture``, so a codec pays only for the outputs it encodes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,11 +35,15 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+CAPTURES = frozenset({"q", "k", "x"})
+
+
 @dataclass
 class TeacherOut:
-    feat: torch.Tensor   # (N, T, D) final-norm patch tokens, fp32
-    q: torch.Tensor      # (N, L, H, T, hd) patch-token queries of the stored layers, fp32
-    k: torch.Tensor      # (N, L, H, T, hd) patch-token keys
+    feat: torch.Tensor              # (N, T, D) final-norm patch tokens, fp32
+    q: torch.Tensor | None = None   # (N, L, H, T, hd) patch-token queries of the stored layers, fp32
+    k: torch.Tensor | None = None   # (N, L, H, T, hd) patch-token keys
+    x: torch.Tensor | None = None   # (N, L, T, D) patch tokens entering blocks[l].attn.qkv, fp32
 
 
 def teacher_input_size(resolution: int) -> int:
@@ -58,9 +66,14 @@ def preprocess(images: torch.Tensor, input_size: int) -> torch.Tensor:
 
 
 class Teacher:
-    """Wraps a timm DINOv2 ViT; ``__call__(uint8 images) -> TeacherOut`` for the given layers."""
+    """Wraps a timm DINOv2 ViT; ``__call__(uint8 images) -> TeacherOut`` for the given layers.
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[int], resolution: int):
+    ``capture`` picks what the hooks keep: q and k (the default), and/or x, the qkv input tokens
+    (only ``tokens-*`` caches need it). Capturing x checks up front that q, k are a linear map of x.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int], resolution: int,
+                 capture: Collection[str] = ("q", "k")):
         self.model = model.eval().requires_grad_(False)
         depth = len(model.blocks)
         bad = [layer for layer in layers if not 0 <= layer < depth]
@@ -78,13 +91,23 @@ class Teacher:
         if self.input_size % patch:
             raise ValueError(f"teacher input {self.input_size} is not a multiple of the patch size {patch}")
         self.grid = self.input_size // patch
+        self.capture = frozenset(capture)
+        if not self.capture <= CAPTURES or ("q" in self.capture) != ("k" in self.capture):
+            raise ValueError(f"teacher capture {sorted(self.capture)}: expected q and k together, and/or x")
+        if "x" in self.capture:
+            for layer in self.layers:
+                _require_linear_qk(model.blocks[layer].attn, layer)
         self._qkv: dict[int, torch.Tensor] = {}
-        for layer in self.layers:
+        self._x: dict[int, torch.Tensor] = {}
+        for layer in self.layers if self.capture else ():  # nothing captured: no hooks at all
             model.blocks[layer].attn.qkv.register_forward_hook(self._hook(layer))
 
     def _hook(self, layer: int):
         def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            self._qkv[layer] = output
+            if "q" in self.capture:
+                self._qkv[layer] = output
+            if "x" in self.capture:
+                self._x[layer] = inputs[0]  # a reference, no copy: norm1's output
         return hook
 
     @property
@@ -97,9 +120,27 @@ class Teacher:
 
         x = preprocess(images.to(self.device), self.input_size)
         self._qkv.clear()
-        with autocast(x.device, precision):
-            tokens = self.model.forward_features(x)              # (N, P + T, D), final norm applied
-        p = self.num_prefix_tokens
+        self._x.clear()
+        try:
+            with autocast(x.device, precision):
+                tokens = self.model.forward_features(x)          # (N, P + T, D), final norm applied
+            p = self.num_prefix_tokens
+            feat = tokens[:, p:].float()
+            if feat.shape[1] != self.grid ** 2:
+                raise RuntimeError(f"teacher produced {feat.shape[1]} patch tokens, expected {self.grid ** 2}")
+            out = TeacherOut(feat=feat)
+            if "q" in self.capture:
+                out.q, out.k = self._patch_qk(p)
+            if "x" in self.capture:
+                # patch tokens only: qkv is per-token, so their q, k never read the prefix tokens' x
+                out.x = torch.stack([self._x[layer][:, p:].float() for layer in self.layers], 1)
+            return out
+        finally:
+            self._qkv.clear()
+            self._x.clear()
+
+    def _patch_qk(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (N, L, H, T, hd) of the patch tokens from the captured projections."""
         qs, ks = [], []
         for layer in self.layers:
             attn = self.model.blocks[layer].attn
@@ -108,17 +149,52 @@ class Teacher:
             q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])     # identity for DINOv2; kept for generality
             qs.append(q[:, :, p:])                              # (N, H, T, hd): prefix tokens dropped
             ks.append(k[:, :, p:])
-        self._qkv.clear()
-        feat = tokens[:, p:].float()
-        if feat.shape[1] != self.grid ** 2:
-            raise RuntimeError(f"teacher produced {feat.shape[1]} patch tokens, expected {self.grid ** 2}")
-        return TeacherOut(feat=feat, q=torch.stack(qs, 1), k=torch.stack(ks, 1))
+        return torch.stack(qs, 1), torch.stack(ks, 1)
+
+    @torch.no_grad()
+    def qk_params(self) -> dict[str, np.ndarray]:
+        """The stored layers' q, k projections, head-split: ``qk_weight`` (L, 2, H, hd, D) and
+        ``qk_bias`` (L, 2, H, hd) float32 (index 0 = q, 1 = k), what a ``tokens-*`` decode needs.
+
+        Checked against the module itself on random tokens, so a qkv that is not a plain affine map
+        (a wrapped or quantised Linear) is refused rather than decoded wrongly.
+        """
+        ws, bs = [], []
+        hd_all = self.num_heads * self.head_dim
+        for layer in self.layers:
+            qkv = self.model.blocks[layer].attn.qkv
+            _require_linear_qk(self.model.blocks[layer].attn, layer)
+            w = qkv.weight.detach().float()[: 2 * hd_all]
+            b = qkv.bias.detach().float()[: 2 * hd_all] if qkv.bias is not None else w.new_zeros(2 * hd_all)
+            probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(layer)).to(w)
+            ref = qkv(probe.to(qkv.weight.dtype)).float()[:, : 2 * hd_all]
+            if not torch.allclose(probe @ w.T + b, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6):
+                raise ValueError(f"teacher block {layer}: attn.qkv is not the affine map of its weight and bias; "
+                                 "the tokens-* codecs cannot decode it (use qk-int8)")
+            ws.append(w.reshape(2, self.num_heads, self.head_dim, -1))
+            bs.append(b.reshape(2, self.num_heads, self.head_dim))
+        return {"qk_weight": torch.stack(ws).cpu().numpy(), "qk_bias": torch.stack(bs).cpu().numpy()}
+
+
+def _require_linear_qk(attn: torch.nn.Module, layer: int) -> None:
+    """q, k must be an affine map of each token's qkv input alone for the tokens-* codecs."""
+    if not isinstance(getattr(attn, "qkv", None), torch.nn.Linear):
+        raise ValueError(f"teacher block {layer}: attn.qkv is {type(getattr(attn, 'qkv', None)).__name__}, "
+                         "not a Linear; the tokens-* codecs need q, k = x Wᵀ + b (use qk-int8)")
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attn, name, None)
+        if norm is not None and not isinstance(norm, torch.nn.Identity):
+            raise ValueError(f"teacher block {layer}: attn.{name} is {type(norm).__name__}, not an identity; "
+                             "q, k are then no affine map of the stored tokens, so the tokens-* codecs cannot "
+                             "decode them (use qk-int8)")
 
 
 def load_teacher(name: str = DEFAULT_TEACHER, *, arch: str = DEFAULT_ARCH, layers: Sequence[int] = (8, 9, 10, 11),
-                 resolution: int = 256, seed: int = 0, device: torch.device | str = "cpu"):
+                 resolution: int = 256, seed: int = 0, device: torch.device | str = "cpu",
+                 capture: Collection[str] = ("q", "k")):
     """Return (Teacher, identity dict). Pretrained weights get their position embedding
-    resampled to the teacher input size by timm's checkpoint filter (bicubic, antialiased)."""
+    resampled to the teacher input size by timm's checkpoint filter (bicubic, antialiased).
+    ``capture``: the hooked outputs ``Teacher.__call__`` returns (see ``Teacher``)."""
     import timm
 
     size = teacher_input_size(resolution)
@@ -130,7 +206,7 @@ def load_teacher(name: str = DEFAULT_TEACHER, *, arch: str = DEFAULT_ARCH, layer
     else:
         model = _load_pretrained(timm, ref, arch, size)
     model = model.to(device)
-    teacher = Teacher(model, layers, resolution)
+    teacher = Teacher(model, layers, resolution, capture)
     identity = {
         "name": name, "source": ref.kind, "arch": arch, "class": f"timm.{type(model).__name__}",
         "weights_sha256": weights.state_dict_sha256(model),

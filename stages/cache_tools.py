@@ -1,8 +1,9 @@
 """``haste cache info`` and ``haste cache verify``: what a cache holds, and whether it is intact.
 
 verify checks every shard's sha256 against its manifest, decodes a spread of samples with the
-schema, and, when the recorded models can be loaded, recomputes those samples from the source
-images with a fresh VAE/teacher forward and reports the max error of the cached values. With
+schema (and the sha256 of a teacher group's codec files, tokens-*: its q/k projections), and, when
+the recorded models can be loaded, recomputes those samples from the source images with a fresh
+VAE/teacher forward and reports the max error of the cached values. With
 ``--fidelity`` it also measures what the teacher codec loses against an exact fp32 teacher
 (``pipeline.fidelity``: row KL, attention-loss error, gradient cosine, feature cosine error, at
 several teacher sharpnesses) and records the result in the teacher manifest under ``fidelity``.
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 
 from pipeline import fidelity, weights
-from pipeline.cache import index_shard, read_sample
+from pipeline.cache import decode_teacher_logits, index_shard, read_sample
 from pipeline.codecs import row_centred
 from pipeline.groups import group_dir, read_index
 from pipeline.schema import (
+    CODEC_DIR,
     LATENTS,
     TEACHER,
     CacheFormatError,
@@ -35,6 +37,7 @@ from pipeline.schema import (
     decode_members,
     encode_teacher_sample,
     get_codec,
+    load_codec_params,
     read_manifest,
 )
 from pipeline.shards import atomic_write_json, file_sha256
@@ -61,7 +64,7 @@ def info(path: str | Path) -> dict[str, Any]:
             "num_samples": m.num_samples, "num_shards": len(m.shards), "total_bytes": j["total_bytes"],
             "bytes_per_sample": j["bytes_per_sample"], "fields": j["fields"], "skipped": len(m.skipped),
             "models": {k: {f: v.get(f) for f in ("name", "weights_sha256", "precision")} for k, v in m.models.items()},
-            "source": m.source.get("location"), "classes": len(m.classes),
+            "source": m.source.get("location"), "classes": len(m.classes), "codec_files": m.codec_files,
         })
     return out
 
@@ -76,6 +79,9 @@ def format_info(result: dict[str, Any]) -> str:
                      f"{g['bytes_per_sample']['payload']} B (payload)")
         for name, f in g["fields"].items():
             lines.append(f"  field {name:<12} {f['dtype']:<10} {str(tuple(f['shape'])):<22} {f.get('codec', '')}")
+        for name, f in g.get("codec_files", {}).items():  # once per group, not per sample
+            lines.append(f"  file  {CODEC_DIR}/{name:<16} {f['dtype']:<10} {str(tuple(f['shape'])):<22} "
+                         f"{f['bytes'] / 1e6:.2f} MB sha256 {f['sha256'][:16]}…")
         for name, mdl in g["models"].items():
             lines.append(f"  model {name}: {mdl['name']} ({mdl['precision']}) sha256 {str(mdl['weights_sha256'])[:16]}…")
     return "\n".join(lines)
@@ -93,7 +99,7 @@ def verify(path: str | Path, samples: int = 8, with_models: bool = True, fidelit
         want_fid = fidelity and m.kind == TEACHER
         ref = _reference(m, decoded) if (with_models or want_fid) and decoded else None
         if with_models:
-            g["fresh"] = _fresh_compare(m, decoded, ref)
+            g["fresh"] = _fresh_compare(root, m, decoded, ref)
         if want_fid:
             g["fidelity"] = _fidelity(root, m, decoded, ref)
         g["ok"] = not g["errors"] and g.get("fresh", {}).get("ok", True)
@@ -111,6 +117,7 @@ def _verify_group(root: Path, m: GroupManifest, samples: int) -> dict[str, Any]:
             errors.append(f"{p}: missing")
         elif p.stat().st_size != rec.bytes or file_sha256(p) != rec.sha256:
             errors.append(f"{p}: size/sha256 differ from the manifest (corrupt or replaced)")
+    errors += _codec_file_errors(gdir, m)
     decoded: list[tuple[str, dict]] = []
     picks = _spread(m, samples)
     for shard, i in picks:
@@ -122,6 +129,23 @@ def _verify_group(root: Path, m: GroupManifest, samples: int) -> dict[str, Any]:
             errors.append(str(e))
     return {"shards": len(m.shards), "samples": m.num_samples, "decoded": len(decoded), "errors": errors,
             "_decoded": decoded}
+
+
+def _codec_file_errors(gdir: Path, m: GroupManifest) -> list[str]:
+    """Each codec file the group's codec needs must exist and match the manifest's sha256."""
+    if not isinstance(m.spec, TeacherSpec):
+        return []
+    errors = []
+    for name in get_codec(m.spec.codec).params(m.spec):
+        fname, p = f"{name}.npy", gdir / CODEC_DIR / f"{name}.npy"
+        rec = m.codec_files.get(fname)
+        if rec is None:
+            errors.append(f"{gdir}/manifest.json: no record of codec file {fname}")
+        elif not p.is_file():
+            errors.append(f"{p}: missing")
+        elif p.stat().st_size != rec["bytes"] or file_sha256(p) != rec["sha256"]:
+            errors.append(f"{p}: size/sha256 differ from the manifest (corrupt or replaced)")
+    return errors
 
 
 def _spread(m: GroupManifest, n: int) -> list[tuple[int, int]]:
@@ -157,7 +181,8 @@ def _reference(m: GroupManifest, decoded: list[tuple[str, dict]]) -> _Reference 
     return _Reference(model, torch.from_numpy(imgs).permute(0, 3, 1, 2))
 
 
-def _fresh_compare(m: GroupManifest, decoded: list[tuple[str, dict]], ref: _Reference | str | None) -> dict[str, Any]:
+def _fresh_compare(root: Path, m: GroupManifest, decoded: list[tuple[str, dict]],
+                   ref: _Reference | str | None) -> dict[str, Any]:
     """Recompute decoded samples with freshly loaded models, through the group's own codecs; max errors.
 
     Going through the same codec makes this a reproducibility check whatever the codec's loss
@@ -174,33 +199,40 @@ def _fresh_compare(m: GroupManifest, decoded: list[tuple[str, dict]], ref: _Refe
         fresh = {"moments": encode_moments(ref.model, ref.images, prec).numpy()}
     else:
         t = ref.model(ref.images, prec)
-        fresh = _cached_arrays(m, _through_codec(m, t, [k for k, _ in decoded]))
-    cached = _cached_arrays(m, decoded)
+        fresh = _cached_arrays(root, m, _through_codec(m, t, [k for k, _ in decoded]))
+    cached = _cached_arrays(root, m, decoded)
     errors = {k: _rel_err(cached[k], fresh[k]) for k in fresh if k in cached}
+    if isinstance(m.spec, TeacherSpec) and m.codec_files:  # tokens-*: the stored projections are the model's
+        stored = load_codec_params(group_dir(root, m.kind, m.key), m.spec, m.codec_files)
+        fresh_params = get_codec(m.spec.codec).store_params(ref.model.qk_params())
+        errors.update({f"codec:{n}": _rel_err(a, stored[n]) for n, a in fresh_params.items()})
     tol = _tolerance(m, prec)
     return {"ok": all(e <= tol for e in errors.values()), "max_rel_error": errors, "tolerance": tol,
             "weights_match": _weights_match(m, ref.model)}
 
 
 def _through_codec(m: GroupManifest, t: Any, keys: list[str]) -> list[tuple[str, dict]]:
-    """What the writer would store for teacher outputs ``t`` (it casts on the device, then encodes)."""
+    """What the writer would store for teacher outputs ``t`` (it casts or packs on the device, then encodes)."""
     spec = m.spec
     assert isinstance(spec, TeacherSpec)
-    qk = getattr(torch, get_codec(spec.codec).qk_dtype)
-    feat, q, k = t.feat.to(getattr(torch, spec.feat_dtype)), t.q.to(qk), t.k.to(qk)
-    return [(key, decode_members(TEACHER, spec, encode_teacher_sample(spec, feat[i].numpy(), q[i].numpy(),
-                                                                      k[i].numpy()), where=key))
-            for i, key in enumerate(keys)]
+    codec = get_codec(spec.codec)
+    feat = t.feat.to(getattr(torch, spec.feat_dtype)).numpy()
+    inputs = {n: codec.on_device(getattr(t, n)).numpy() for n in codec.inputs}
+    out = []
+    for i, key in enumerate(keys):
+        members = encode_teacher_sample(spec, feat[i], **{n: a[i] for n, a in inputs.items()})
+        out.append((key, decode_members(TEACHER, spec, members, where=key)))
+    return out
 
 
-def _cached_arrays(m: GroupManifest, decoded: list[tuple[str, dict]]) -> dict[str, np.ndarray]:
+def _cached_arrays(root: Path, m: GroupManifest, decoded: list[tuple[str, dict]]) -> dict[str, np.ndarray]:
     """Decoded samples as float arrays: ``moments``, or ``feat`` (magnitudes restored) and row-centred ``logits``."""
     if m.kind == LATENTS:
         return {"moments": np.stack([d["moments"] for _, d in decoded]).astype(np.float32)}
     batch = _batch(decoded)
     out = {"feat": decode_features(batch).numpy()}
     if isinstance(m.spec, TeacherSpec) and m.spec.codec != "none":
-        out["logits"] = row_centred(get_codec(m.spec.codec).decode(batch, m.spec.scale)).numpy()
+        out["logits"] = row_centred(decode_teacher_logits(root, m, batch)).numpy()
     return out
 
 
@@ -222,7 +254,7 @@ def _fidelity(root: Path, m: GroupManifest, decoded: list[tuple[str, dict]], ref
     batch = _batch(decoded)
     attn = spec.codec != "none"
     exact = get_codec("qk-fp32").decode({"q": t.q, "k": t.k}, spec.scale) if attn else None
-    result = fidelity.measure(exact, get_codec(spec.codec).decode(batch, spec.scale) if attn else None,
+    result = fidelity.measure(exact, decode_teacher_logits(root, m, batch) if attn else None,
                               t.feat, decode_features(batch))
     result.update(measured=True, codec=spec.codec, feat_codec=spec.feat_codec, feat_dtype=spec.feat_dtype,
                   bytes_per_sample=bytes_per_sample(TEACHER, spec)["tar"], keys=[k for k, _ in decoded],
@@ -268,8 +300,10 @@ def _load_model(m: GroupManifest):
     from pipeline.teacher import load_teacher
 
     ident, spec = m.identity["teacher"], m.spec
+    capture = {"q", "k", *get_codec(spec.codec).inputs}  # q, k: the exact reference; the rest: the fresh recompute
     return load_teacher(ident["name"], arch=m.identity["arch"], layers=spec.layers,
-                        resolution=m.settings["transform"]["resolution"], seed=int(ident.get("seed", 0)))[0]
+                        resolution=m.settings["transform"]["resolution"], seed=int(ident.get("seed", 0)),
+                        capture=capture)[0]
 
 
 def _weights_match(m: GroupManifest, model: Any) -> bool:

@@ -22,15 +22,18 @@ from pipeline import dist, groups, weights
 from pipeline.configs import ConfigError, check, to_dict
 from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.schema import (
+    CODEC_DIR,
     FEAT_CODECS,
     LATENTS,
     SCHEMA_VERSION,
     TEACHER,
+    CacheFormatError,
     GroupManifest,
     LatentSpec,
     ShardRecord,
     TeacherSpec,
     bytes_per_sample,
+    codec_file_records,
     get_codec,
 )
 from pipeline.shards import atomic_write_json, remove_stale_temps, shard_name, shard_ok
@@ -60,11 +63,14 @@ class PreprocessConfig:
     teacher_arch: str = DEFAULT_ARCH      # timm architecture the weights belong to
     teacher_layers: tuple[int, ...] = (8, 9, 10, 11)
     teacher_precision: Precision = "fp32"
-    # Attention codec (pipeline.codecs). The default is the smallest whose measured worst case over
-    # teacher sharpness x1/x5/x20 keeps the ATTA gradient cosine >= 0.999 (benchmarks/bench_codecs.py,
-    # random-init DINOv2-B); check it on the real teacher with `haste cache verify --fidelity`, and
-    # fall back to qk-int8 (no low-rank assumption) or qk-fp16 (lossless) if it falls short.
-    codec: str = "lowrank-r24-int8"
+    # Attention codec (pipeline.codecs). The default is the smallest codec whose worst case over the
+    # teacher sharpness sweep x1/x5/x20 AND the flat-spectrum stress keeps the ATTA gradient cosine
+    # >= 0.999 (benchmarks/bench_codecs.py, random-init DINOv2-B): tokens-int8 stores the qkv input
+    # tokens (788 KB/image for 4 layers) and decodes q, k through the group's stored projections, so
+    # it assumes nothing about the logits' spectrum. Check it on the real teacher with
+    # `haste cache verify --fidelity`; fall back to qk-int8 (1.62 MB) or qk-fp16 (lossless). The
+    # lowrank-* codecs stay available: smaller, but only as good as the teacher's spectrum decays.
+    codec: str = "tokens-int8"
     feat_dtype: Literal["float16", "float32"] = "float16"
     # int8: per-token scale, cosine-preserving (half of fp16). "plain" stays the default here because
     # existing tiny test caches rely on fp16 features; the ImageNet configs set int8.
@@ -126,7 +132,11 @@ def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
     with torch.device("meta"):
         model = timm.create_model(cfg.teacher_arch, pretrained=False,
                                   img_size=teacher_input_size(cfg.resolution), **preset)
-    t = Teacher(model, cfg.teacher_layers, cfg.resolution)
+    try:  # capturing what the codec encodes checks that the architecture suits it (tokens-*: linear q, k)
+        t = Teacher(model, cfg.teacher_layers, cfg.resolution, capture=get_codec(cfg.codec).inputs)
+    except ValueError as e:
+        raise ConfigError(f"config field 'codec': {cfg.codec!r} does not suit teacher_arch "
+                          f"{cfg.teacher_arch!r}: {e}") from None
     spec = TeacherSpec(layers=cfg.teacher_layers, num_heads=t.num_heads, head_dim=t.head_dim, embed_dim=t.embed_dim,
                        grid=t.grid, num_prefix_tokens=t.num_prefix_tokens, scale=t.scale,
                        feat_dtype=cfg.feat_dtype, codec=cfg.codec, feat_codec=cfg.feat_codec)
@@ -219,6 +229,10 @@ def write_manifests(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan
         if missing:
             raise PreprocessError(f"{plan.dir}: shards {missing[:5]} are not complete; re-run the same command")
         skipped = [x for r in records for x in r.skipped]
+        try:  # the teacher's q/k projections for tokens-*: written before any shard, hashed here
+            files = codec_file_records(plan.dir, plan.spec) if isinstance(plan.spec, TeacherSpec) else {}
+        except CacheFormatError as e:
+            raise PreprocessError(str(e)) from None
         frac = len(skipped) / max(1, len(source.items))
         if frac > cfg.max_skip_fraction:
             examples = "; ".join(f"{k}: {why}" for k, why in skipped[:3])
@@ -230,7 +244,7 @@ def write_manifests(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan
             kind=plan.kind, key=plan.key, spec=plan.spec, identity=plan.identity,
             source={"location": source.location, **source.identity(), "shard_size": cfg.shard_size},
             models={k: v for k, v in models.items() if (k == "vae") == (plan.kind == LATENTS)},
-            producer=groups.producer_info(), shards=tuple(records), classes=source.classes,
+            producer=groups.producer_info(), shards=tuple(records), classes=source.classes, codec_files=files,
             settings={"transform": transform(cfg), "batch_size": cfg.batch_size,
                       "precision": cfg.vae_precision if plan.kind == LATENTS else cfg.teacher_precision,
                       **(extra_settings or {}).get(plan.kind, {})},
@@ -294,7 +308,9 @@ def prepare_dirs(d: dist.DistInfo, plans: list[GroupPlan]) -> None:
     _make_dirs(plans)
     if d.is_main:  # before any rank writes: a temp file from a killed run must not outlive the rerun
         for p in plans:
-            for stale in remove_stale_temps(p.dir) + remove_stale_temps(p.dir / "progress"):
+            codec_dir = p.dir / CODEC_DIR
+            temps = remove_stale_temps(p.dir) + remove_stale_temps(p.dir / "progress")
+            for stale in temps + (remove_stale_temps(codec_dir) if codec_dir.is_dir() else []):
                 log.info("removed %s left by an interrupted run", stale)
     dist.barrier()
 

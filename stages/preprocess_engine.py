@@ -19,10 +19,20 @@ from tqdm import tqdm
 
 from pipeline.dist import DistInfo
 from pipeline.images import SkipImage
-from pipeline.schema import LATENTS, encode_latent_sample, encode_teacher_sample, get_codec
-from pipeline.shards import ShardWriter, atomic_write_json, shard_name
+from pipeline.schema import (
+    CODEC_DIR,
+    LATENTS,
+    CacheFormatError,
+    codec_files,
+    encode_codec_params,
+    encode_latent_sample,
+    encode_teacher_sample,
+    get_codec,
+    load_npy,
+)
+from pipeline.shards import ShardWriter, atomic_write_bytes, atomic_write_json, shard_name
 from pipeline.sources import Source
-from pipeline.teacher import load_teacher
+from pipeline.teacher import Teacher, load_teacher
 from pipeline.vae import encode_moments, load_vae
 
 log = logging.getLogger(__name__)
@@ -100,7 +110,8 @@ def shard_sink(plan) -> _ShardSink:
     spec = plan.spec
     if plan.kind == LATENTS:
         return _ShardSink(plan, lambda label, m: encode_latent_sample(spec, int(label), m))
-    return _ShardSink(plan, lambda f, q, k: encode_teacher_sample(spec, f, q, k))
+    inputs = get_codec(spec.codec).inputs  # the arrays after the features, in the order _compute gives them
+    return _ShardSink(plan, lambda f, *arrays: encode_teacher_sample(spec, f, **dict(zip(inputs, arrays))))
 
 
 def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int) -> None:
@@ -179,14 +190,54 @@ def _load_models(cfg, d: DistInfo, plans: list) -> dict:
     if kinds - {LATENTS}:
         models["teacher"], identities["teacher"] = load_teacher(
             cfg.teacher, arch=cfg.teacher_arch, layers=cfg.teacher_layers, resolution=cfg.resolution,
-            seed=cfg.seed, device=d.device)
+            seed=cfg.seed, device=d.device, capture=get_codec(cfg.codec).inputs)
         identities["teacher"].update(precision=cfg.teacher_precision, feat_dtype=cfg.feat_dtype, codec=cfg.codec)
     for p in plans:
         keep = {k: v for k, v in identities.items() if (k == "vae") == (p.kind == LATENTS)}
         path = p.dir / "progress" / "models.json"
         if d.is_main or not path.exists():
             atomic_write_json(path, json.loads(json.dumps(keep)))
+        if p.kind != LATENTS:
+            write_codec_files(p, models["teacher"], d)
     return models
+
+
+def write_codec_files(plan, teacher: Teacher, d: DistInfo) -> None:
+    """The group-level arrays of the plan's codec (tokens-*: the q/k projections), renamed into
+    ``<group>/codec/`` before this rank writes any shard; the manifest records their sha256.
+
+    Every rank that writes shards makes sure they exist. A file already there (an interrupted
+    run, another rank) is kept, never replaced: shards may have been encoded against it. It must
+    equal what this run would write up to fp32 rounding (a different LAPACK may round the fixed
+    basis differently), else the group is refused rather than silently mixed.
+    """
+    spec = plan.spec
+    expected = codec_files(spec)
+    if not expected:
+        return
+    files = encode_codec_params(spec, teacher.qk_params())
+    (plan.dir / CODEC_DIR).mkdir(exist_ok=True)
+    for name, (dtype, shape) in expected.items():
+        path = plan.dir / CODEC_DIR / name
+        if path.exists():
+            _check_same(path, files[name], dtype, tuple(shape), plan.dir)
+        else:
+            atomic_write_bytes(path, files[name])
+
+
+def _check_same(path, data: bytes, dtype: str, shape: tuple[int, ...], gdir) -> None:
+    from stages.preprocess import PreprocessError
+
+    new = load_npy(data, dtype=dtype, shape=shape, where="new")
+    try:
+        old = load_npy(path.read_bytes(), dtype=dtype, shape=shape, where=str(path))
+        same = np.allclose(old, new, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(new).max())))
+    except (CacheFormatError, OSError) as e:
+        raise PreprocessError(f"{path} is unreadable ({e}); delete {gdir} and re-run `haste preprocess`") from None
+    if not same:
+        raise PreprocessError(f"{path} differs from this teacher's arrays (another teacher or code version, or "
+                              f"damaged), and earlier shards were encoded against it: delete {gdir} and re-run "
+                              "`haste preprocess`")
 
 
 @torch.no_grad()
@@ -214,8 +265,10 @@ def _compute(cfg, models: dict, batch: list[Loaded], need: dict[str, list[int]],
         if images is not None:
             spec = specs[kind]
             t = models["teacher"](images, cfg.teacher_precision)
-            qk = get_codec(spec.codec).qk_dtype
-            arrays = (_host(t.feat, spec.feat_dtype), _host(t.q, qk), _host(t.k, qk))
+            codec = get_codec(spec.codec)
+            # the codec's inputs cast (or, tokens-int8, packed) on the device: only stored bytes cross
+            arrays = (_host(t.feat, spec.feat_dtype), *(codec.on_device(getattr(t, n)).cpu().numpy()
+                                                         for n in codec.inputs))
         out[kind] = (keys, arrays, skipped)
     return out
 

@@ -55,7 +55,7 @@ def _teacher_arrays(spec: TeacherSpec, seed: int = 0):
 
 def test_codec_registry_is_what_the_tests_cover():
     assert set(CODECS) == {"qk-fp16", "qk-fp32", "logits-fp16", "none", "qk-int8", "lowrank-r32-fp16",
-                           "lowrank-r16-int8", "lowrank-r24-int8", "lowrank-r32-int8"}
+                           "lowrank-r16-int8", "lowrank-r24-int8", "lowrank-r32-int8", "tokens-int8"}
     assert EXACT_CODECS == ["logits-fp16", "none", "qk-fp16", "qk-fp32"]
     with pytest.raises(CacheFormatError, match="unknown attention codec 'qk-int4'"):
         get_codec("qk-int4")
@@ -231,6 +231,9 @@ def _write_shard(path, kind, spec, n):
     for i in range(n):
         if kind == LATENTS:
             members = encode_latent_sample(spec, i * 97 % 1000, rng.standard_normal(spec.moments_shape).astype(np.float32))
+        elif get_codec(spec.codec).inputs == ("x",):  # tokens-*: the qkv input tokens, not q/k
+            x = rng.standard_normal((len(spec.layers), spec.num_tokens, spec.embed_dim)).astype(np.float32)
+            members = encode_teacher_sample(spec, _teacher_arrays(spec, i)[0], x=x)
         else:
             members = encode_teacher_sample(spec, *_teacher_arrays(spec, i))
         w.add(f"n0144/img_{i:04d}", members)
@@ -241,7 +244,8 @@ def _write_shard(path, kind, spec, n):
     (LATENTS, LatentSpec(size=8)), (LATENTS, LatentSpec(size=32, dtype="float32")),
     (TEACHER, _tspec("qk-fp16")), (TEACHER, _tspec("qk-fp32", "float32")), (TEACHER, _tspec("logits-fp16")),
     (TEACHER, _tspec("none")), (TEACHER, _tspec("qk-int8", feat_codec="int8")), (TEACHER, _tspec("lowrank-r3-fp16")),
-    (TEACHER, _tspec("lowrank-r2-int8", "float32", feat_codec="int8")),
+    (TEACHER, _tspec("lowrank-r2-int8", "float32", feat_codec="int8")), (TEACHER, _tspec("tokens-int8", feat_codec="int8")),
+    (TEACHER, _tspec("tokens-fp16")),
 ])
 def test_bytes_per_sample_matches_written_tar(tmp_path, kind, spec):
     n = 11
@@ -277,6 +281,10 @@ def test_bytes_per_sample_matches_spec_section_9():
     assert bps["field:feat.npy"] == 393_216 + 128
     assert bps["field:q.npy"] == bps["field:k.npy"] == 4 * 12 * 256 * 64 * 2 + 128
     assert bps["field:q.npy"] * 2 == pytest.approx(3.15e6, rel=0.01)   # "3.1 MB/image" in the issue
+    tok = bytes_per_sample(TEACHER, TeacherSpec(**{**t.__dict__, "codec": "tokens-int8"}))
+    assert tok["field:x.npy"] == 4 * 256 * (768 + 2) + 128                # L·T·(D + 2): 788 KB/image
+    assert schema.codec_files(TeacherSpec(**{**t.__dict__, "codec": "tokens-int8"})) == {
+        "qk_weight.npy": ("float32", (4, 2, 12, 64, 768)), "qk_bias.npy": ("float32", (4, 2, 12, 64))}
 
 
 def _unescape(key: str) -> str:

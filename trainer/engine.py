@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.dist import DistInfo
+from pipeline.schema import get_codec
 from pipeline.vae import sample_latents
 from trainer.config import TrainConfig
 from trainer.model import SiT
@@ -154,9 +155,10 @@ def prepare_inputs(batch: dict, model: SiT, cfg: TrainConfig, phase: Phase, cach
         ts = cache.teacher.spec
         idx = [ts.layers.index(layer) for layer in cfg.align.teacher_layers]  # only the aligned layers
         # Copy first (from pinned memory, async), select on the device: a CPU-side gather of
-        # ~100 MB per step would stall the main thread.
-        arrays = {k: take(batch[k].to(device, non_blocking=True), 1, idx) for k in ("q", "k", "logits") if k in batch}
-        logits = cache.teacher_logits(arrays)
+        # ~100 MB per step would stall the main thread. The codec names its own members.
+        names = get_codec(ts.codec).members(ts)
+        arrays = {k: take(batch[k].to(device, non_blocking=True), 1, idx) for k in names}
+        logits = cache.teacher_logits(arrays, idx)
     return StepInputs(x0=x0, y=y, teacher_feat=feat, teacher_logits=logits)
 
 
