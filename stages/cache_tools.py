@@ -166,6 +166,8 @@ class _Reference:
 
 def _reference(m: GroupManifest, decoded: list[tuple[str, dict]]) -> _Reference | str:
     """The recorded model and the samples' source images, or why they are unavailable."""
+    if m.kind == LATENTS and "imported_from" in m.identity:  # `haste import`: no VAE ran, nothing to rerun
+        return "latents were imported from precomputed moments (no VAE run to reproduce)"
     try:
         src_id = m.identity["source"]
         source = open_source(m.source["location"], synthetic_classes=src_id["num_classes"],

@@ -211,6 +211,15 @@ def test_edm2_manifest_records_the_import(edm2_import):
     assert not [p for p in root.rglob(".*") if ".tmp" in p.name]
 
 
+def test_verify_says_why_imported_latents_are_not_recomputed(edm2_import):
+    from stages.cache_tools import verify
+
+    _, root = edm2_import
+    report = verify(root, samples=2)
+    latents = next(g for name, g in report["groups"].items() if name.startswith("latents/"))
+    assert report["ok"] and "imported from precomputed moments" in json.dumps(latents)
+
+
 def test_rerun_is_a_noop(edm2_import, tmp_path):
     src, root = edm2_import
     before = all_files(root)
