@@ -62,12 +62,30 @@ class SampleStore:
         return np.asarray(self.done[:], dtype=bool)
 
     def pending(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Incomplete chunks of this rank (round-robin, so every rank gets an even share)."""
+        """This rank's share of the incomplete chunks: every world_size-th of them, so a resume is balanced."""
         done = self.completed()
-        return [c for c in range(rank, self.num_chunks, world_size) if not done[c]]
+        return [c for c in range(self.num_chunks) if not done[c]][rank::world_size]
 
     def is_complete(self) -> bool:
         return bool(self.completed().all())
+
+    def reopen_unlabeled(self) -> None:
+        """A done chunk whose labels read as the fill value lost data in a crash: sample it again."""
+        labels, done = np.asarray(self.labels[:]), self.completed()
+        for c in np.flatnonzero(done):
+            rows = self.chunk_range(int(c))
+            if (labels[rows.start:rows.stop] < 0).any():
+                log.warning("%s: chunk %d is flagged done but its labels are missing; it will be sampled again",
+                            self.path, c)
+                self.done[int(c)] = 0
+
+    def check_complete(self) -> None:
+        """Every flag set and every label written (labels are filled with -1): else name the chunks."""
+        missing = np.flatnonzero(~self.completed())
+        unlabeled = np.flatnonzero(np.asarray(self.labels[:]) < 0)
+        if len(missing) or len(unlabeled):
+            raise SampleStoreError(f"{self.path}: chunks {missing[:8].tolist()} not done, images "
+                                   f"{unlabeled[:8].tolist()} without labels; rerun the same command to finish")
 
     def write_chunk(self, c: int, images: np.ndarray, labels: np.ndarray, seeds: np.ndarray) -> None:
         rows = self.chunk_range(c)
@@ -78,6 +96,7 @@ class SampleStore:
         self.images[sl] = images
         self.labels[sl] = labels
         self.seeds[sl] = seeds
+        os.sync()  # zarr renames but never fsyncs: after a node crash a flag must not outlive its data
         self.done[c] = 1  # last: marks the chunk complete
 
     def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -91,7 +110,7 @@ def meta_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, 
 
 
 def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[int, int, int],
-               meta: dict[str, Any], create: bool = True) -> SampleStore:
+               meta: dict[str, Any], create: bool = True, clean: bool = False) -> SampleStore:
     """Open (or create) the store at ``path``; an existing store must have been made with ``meta``.
 
     ``meta`` is plain JSON data describing everything that determines the pixels (checkpoint,
@@ -110,8 +129,11 @@ def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[i
             lines = "\n".join(f"  {k}: store has {a!r}, this run wants {b!r}" for k, (a, b) in diff.items())
             raise SampleStoreError(f"sample store {path} was made with other settings:\n{lines}\n"
                                    "Use another output directory, or restore these values.")
-        _remove_partials(path)
-        return SampleStore(path, group)
+        store = SampleStore(path, group)
+        if clean:  # one process only (rank 0, before the others open): another rank's temp file may be in flight
+            _remove_partials(path)
+            store.reopen_unlabeled()
+        return store
     if not create:
         raise SampleStoreError(f"no sample store at {path}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from pipeline.shards import atomic_write_json
 from pipeline.vae import DEFAULT_VAE, decode_latents, load_vae
 from trainer import checkpoint
 from trainer.generate import LoadedModel, generate_latents, image_labels, image_seeds, load_model
+from trainer.model import ModelConfig
 from trainer.sampling import SamplerConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ SD_VAE_SCALE = 0.18215
 class EvalConfig:
     checkpoint: str | None = None      # ema-*.pt / step-*.pt / an official HASTE or REPA .pt; or
     run_dir: str | None = None         # a training run: its newest complete checkpoint's EMA export
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields the checkpoint lacks (official files)
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (+ `preset`) for official files
     out: str | None = None             # default: <run_dir>/eval/<tag> (<checkpoint dir>/../eval/<tag>)
     num_samples: int = 50_000
     batch_size: int = 64               # images per rank per step = one zarr chunk
@@ -72,6 +73,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check((self.checkpoint is None) != (self.run_dir is None), "checkpoint",
               "give exactly one of 'checkpoint' (a .pt file) or 'run_dir' (a training run)")
+        known = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
+        bad = sorted(set(self.model) - known) if isinstance(self.model, dict) else ["(not a mapping)"]
+        check(not bad, "model", f"unknown ModelConfig field(s) {bad}; known: {sorted(known)}")
         check(self.num_samples >= 1, "num_samples", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
@@ -120,9 +124,9 @@ def sample_tag(cfg: EvalConfig) -> str:
 def output_dir(cfg: EvalConfig, ckpt: Path, step: int | None) -> Path:
     if cfg.out is not None:
         return Path(cfg.out)
-    root = Path(cfg.run_dir) if cfg.run_dir else ckpt.parent.parent
-    prefix = f"step-{step:07d}-" if step is not None else ""
-    return root / "eval" / (prefix + sample_tag(cfg))
+    if cfg.run_dir:
+        return Path(cfg.run_dir) / "eval" / ((f"step-{step:07d}-" if step is not None else "") + sample_tag(cfg))
+    return ckpt.parent.parent / "eval" / f"{ckpt.stem}-{sample_tag(cfg)}"  # two files of one step never collide
 
 
 def decoding(cfg: EvalConfig, loaded: LoadedModel) -> tuple[str, int, float, float]:
@@ -138,16 +142,25 @@ def decoding(cfg: EvalConfig, loaded: LoadedModel) -> tuple[str, int, float, flo
 
 def store_meta(cfg: EvalConfig, ckpt: Path, loaded: LoadedModel, vae: tuple[str, int, float, float]) -> dict:
     """Everything that determines the pixels; a store made with anything else is refused."""
-    return {"checkpoint": str(ckpt.resolve()), "checkpoint_bytes": ckpt.stat().st_size, "step": loaded.step,
+    st = ckpt.stat()
+    return {"checkpoint": str(ckpt.resolve()), "checkpoint_bytes": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns,
+            "step": loaded.step,
             "sampler": configs.to_dict(cfg.sampler), "seed": cfg.seed, "labels": cfg.labels,
             "vae": vae[0], "vae_seed": vae[1], "latent_scale": vae[2], "latent_bias": vae[3],
             "rounding": cfg.rounding, "precision": cfg.precision, "model": dict(cfg.model)}
 
 
-def _sample_chunks(cfg: EvalConfig, store: SampleStore, loaded: LoadedModel, vae, scale: float, bias: float,
-                   d: dist.DistInfo) -> int:
+def _sum_over_ranks(n: int, d: dist.DistInfo) -> int:
+    if not d.distributed:
+        return n
+    t = torch.tensor([n], device=d.device)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def _sample_chunks(cfg: EvalConfig, store: SampleStore, pending: list[int], loaded: LoadedModel, vae, scale: float,
+                   bias: float, d: dist.DistInfo) -> int:
     """Fill this rank's missing chunks; returns how many images it sampled."""
-    pending = store.pending(d.rank, d.world_size)
     num_classes = loaded.model.cfg.num_classes
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
     done = 0
@@ -158,6 +171,9 @@ def _sample_chunks(cfg: EvalConfig, store: SampleStore, loaded: LoadedModel, vae
         seeds, labels = image_seeds(cfg.seed, idx), image_labels(cfg.seed, idx, num_classes, cfg.labels)
         with autocast:
             z = generate_latents(loaded.model, seeds, labels, cfg.sampler)
+        if not bool(torch.isfinite(z).all()):  # uint8 would turn NaN into silent black images
+            raise RuntimeError(f"non-finite latents in chunk {c} (images {idx[0]}..{idx[-1]}): the checkpoint "
+                               "diverged, or try precision=fp32")
         images = decode_latents(vae, z, scale, bias, rounding=cfg.rounding).permute(0, 2, 3, 1).cpu().numpy()
         store.write_chunk(c, images, labels, seeds)
         done += len(idx)
@@ -178,24 +194,28 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     side = m.input_size * 8
     out = output_dir(cfg, ckpt, loaded.step)
     meta = store_meta(cfg, ckpt, loaded, (vae_name, vae_seed, scale, bias))
-    if d.is_main:  # rank 0 creates (or validates) the store; the others open it after the barrier
+    if d.is_main:  # rank 0 creates (or validates and cleans) the store; the others open it after the barrier
         open_store(out / "samples.zarr", num_samples=cfg.num_samples, chunk=cfg.batch_size, shape=(side, side, 3),
-                   meta=meta)
+                   meta=meta, clean=True)
     dist.barrier()
     store = open_store(out / "samples.zarr", num_samples=cfg.num_samples, chunk=cfg.batch_size,
                        shape=(side, side, 3), meta=meta, create=False)
+    pending = store.pending(d.rank, d.world_size)
+    dist.barrier()  # every rank has read the same done flags before any rank writes one
     t0 = time.perf_counter()
     sampled = 0
-    if not store.is_complete():
+    if pending:
         vae = load_vae(vae_name, seed=vae_seed, device=d.device)[0]
         log.info("sampling %d images (%s, NFE %d) into %s", cfg.num_samples, sample_tag(cfg), cfg.sampler.nfe, out)
-        sampled = _sample_chunks(cfg, store, loaded, vae, scale, bias, d)
+        sampled = _sample_chunks(cfg, store, pending, loaded, vae, scale, bias, d)
     seconds = time.perf_counter() - t0
+    sampled = _sum_over_ranks(sampled, d)
     dist.barrier()
+    torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's defaults again: metrics must not run in TF32
+    torch.backends.cudnn.allow_tf32 = True
     if not d.is_main:
         return {}
-    if not store.is_complete():
-        raise RuntimeError(f"{store.path}: chunks still missing after sampling; rerun the same command to finish")
+    store.check_complete()
     return _finish(cfg, store, out, ckpt, loaded, sampled, seconds)
 
 

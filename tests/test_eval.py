@@ -133,6 +133,20 @@ def test_killed_run_resumes_to_the_uninterrupted_store(trained_run: Path, tmp_pa
     assert not list((out / "samples.zarr").rglob("*.partial"))
 
 
+def test_a_flagged_chunk_without_labels_is_sampled_again(trained_run: Path, tmp_path: Path) -> None:
+    """A node crash can keep a done flag while losing a data chunk (labels read back as the fill value)."""
+    import zarr
+
+    out = tmp_path / "e"
+    run(eval_cfg(trained_run, out))
+    ref = images(out)
+    g = zarr.open_group(str(out / "samples.zarr"), mode="r+")
+    g["labels"][4:8] = -1
+    g["images"][4:8] = 0
+    result = run(eval_cfg(trained_run, out))
+    assert result["sampling"]["images"] == 4 and np.array_equal(images(out), ref)
+
+
 def test_changed_settings_are_refused_naming_the_fields(trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "e"
     run(eval_cfg(trained_run, out))
@@ -142,13 +156,21 @@ def test_changed_settings_are_refused_naming_the_fields(trained_run: Path, tmp_p
         run(eval_cfg(trained_run, out, "batch_size=5"))
 
 
-def test_default_output_dir_and_truncation(trained_run: Path) -> None:
+def test_default_output_dir_and_truncation(trained_run: Path, tmp_path: Path) -> None:
     cfg = load_eval_config(None, (f"run_dir={trained_run}", "num_samples=4", "batch_size=4", "device=cpu",
                                   "compute=false", "npz=false", "grid_count=0", "rounding=truncate", *SAMPLER))
     result = run(cfg)
     assert Path(result["out"]) == trained_run / "eval" / f"step-0000002-{sample_tag(cfg)}"
     assert sample_tag(cfg) == "sde-3-cfg2-0-0.7-seed0-n4"
     assert result["npz"] is None and result["grid"] is None
+    import zarr
+
+    truncated = zarr.open_group(str(Path(result["out"]) / "samples.zarr"), mode="r")
+    run(eval_cfg(trained_run, tmp_path / "round", "num_samples=4"))
+    rounded = zarr.open_group(str(tmp_path / "round" / "samples.zarr"), mode="r")
+    diff = rounded["images"][:].astype(int) - truncated["images"][:].astype(int)
+    assert diff.min() >= 0 and diff.max() <= 1 and diff.mean() > 0.2        # floor vs round
+    assert np.array_equal(truncated["seeds"][:], image_seeds(0, range(4)))   # the seeds the images came from
 
 
 def test_round_and_truncate_differ_by_at_most_one_level() -> None:
@@ -182,11 +204,21 @@ def test_official_checkpoint_samples(tmp_path: Path) -> None:
     for k, v in ema.state_dict().items():
         if not k.startswith("projectors."):
             assert torch.equal(loaded.model.state_dict()[k], v), k
-    cfg = load_eval_config(None, (f"checkpoint={path}", f"out={tmp_path / 'e'}", "num_samples=2", "batch_size=2",
+    cfg = load_eval_config(None, (f"checkpoint={path}", "num_samples=2", "batch_size=2",
                                   "device=cpu", "compute=false", "vae=random:tiny", *SAMPLER,
                                   "model.depth=2", "model.hidden_size=48", "model.num_heads=12"))
     result = run(cfg)
-    assert result["checkpoint_source"] == "official" and images(tmp_path / "e").shape == (2, 64, 64, 3)
+    out = tmp_path.parent / "eval" / f"0400000-{sample_tag(cfg)}"           # named after the file
+    assert result["checkpoint_source"] == "official" and Path(result["out"]) == out
+    assert images(out).shape == (2, 64, 64, 3)
+
+    bare = tmp_path / "bare.pt"                                              # a bare state dict + a preset
+    torch.save(ema.state_dict(), bare)
+    with pytest.raises(RuntimeError, match="model.preset"):
+        load_model(bare)
+    loaded = load_model(bare, overrides={"preset": "SiT-S/2", "depth": 2, "hidden_size": 48, "num_heads": 12,
+                                         "input_size": 8, "num_classes": 4})
+    assert torch.equal(loaded.model.state_dict()["x_embedder.proj.weight"], ema.state_dict()["x_embedder.proj.weight"])
 
 
 def test_config_errors_name_the_field(trained_run: Path) -> None:
@@ -194,6 +226,8 @@ def test_config_errors_name_the_field(trained_run: Path) -> None:
         load_eval_config(None, ())
     with pytest.raises(ConfigError, match="sampler.preset"):
         load_eval_config(None, (f"run_dir={trained_run}", "sampler.preset=nope"))
+    with pytest.raises(ConfigError, match=r"'model'.*depht"):
+        load_eval_config(None, (f"run_dir={trained_run}", "model.depht=2"))
     with pytest.raises(ConfigError, match="heun"):
         load_eval_config(None, (f"run_dir={trained_run}", "sampler.heun=true"))
     cfg = load_eval_config(None, (f"run_dir={trained_run}", "sampler.preset=paper-cfg"))

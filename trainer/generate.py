@@ -1,7 +1,7 @@
 """Image generation for evaluation: per-image seeds and labels, model loading, one batch → pixels.
 
 Image i depends on (seed, i) only (EDM2's per-sample generators; SPEC §5.4 ties noise to the
-rank instead): its seed is ``SeedSequence([seed, i])``, which drives its initial noise and,
+rank instead): its seed is a hashed base plus i, which drives its initial noise and,
 for the SDE, its per-step noise; its label comes from a second stream of the same pair. So a
 batch of 1 and a batch of 256, on 1 or 8 ranks, give identical images.
 """
@@ -28,8 +28,13 @@ _LABEL_STREAM = 1  # SeedSequence spawn key that separates labels from noise
 
 
 def image_seeds(seed: int, indices: Sequence[int]) -> np.ndarray:
-    """uint32 seed of each image index: a hash of (seed, i), so nearby indices are unrelated."""
-    return np.array([np.random.SeedSequence([seed, int(i)]).generate_state(1)[0] for i in indices], dtype=np.uint32)
+    """uint32 seed of each image: a base hashed from ``seed`` plus i, so no two images share noise.
+
+    (Hashing (seed, i) per image would collide: 50K draws from 2^32 repeat a seed with p ≈ 0.25,
+    and torch's CPU generator keeps only 32 bits. EDM2 uses consecutive seeds the same way.)
+    """
+    base = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    return np.array([(base + int(i)) % 2**32 for i in indices], dtype=np.uint32)
 
 
 def image_labels(seed: int, indices: Sequence[int], num_classes: int, mode: LabelMode = "uniform") -> np.ndarray:
@@ -52,13 +57,20 @@ class LoadedModel:
 
 def _official_config(args: Any, overrides: dict[str, Any]) -> ModelConfig:
     """ModelConfig from an official checkpoint's argparse Namespace (`--model SiT-XL/2` etc.)."""
-    name = getattr(args, "model", None)
+    overrides = dict(overrides)
+    name = overrides.pop("preset", None) or getattr(args, "model", None)
     if name is None:
-        raise RuntimeError("official checkpoint has no args.model; pass eval.model (e.g. preset SiT-XL/2)")
+        raise RuntimeError("the checkpoint does not name its model (no args.model): set eval.model.preset "
+                           "(e.g. --set model.preset=SiT-XL/2) and any other differing ModelConfig field")
     fields = {"input_size": int(getattr(args, "resolution", 256)) // 8,
               "num_classes": int(getattr(args, "num_classes", 1000)),
               "qk_norm": bool(getattr(args, "qk_norm", False)), "z_dim": 0}
     return model_config(name, **{**fields, **overrides})
+
+
+def _fields(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides for a file that records its own architecture: a preset name adds nothing there."""
+    return {k: v for k, v in overrides.items() if k != "preset"}
 
 
 def load_model(path: str | Path, overrides: dict[str, Any] | None = None,
@@ -71,17 +83,20 @@ def load_model(path: str | Path, overrides: dict[str, Any] | None = None,
     path, overrides = Path(path), dict(overrides or {})
     ckpt = checkpoint.load(path)
     if "model_config" in ckpt:
-        source, cfg = "ema-export", ModelConfig(**{**ckpt["model_config"], **overrides, "z_dim": 0})
+        source, cfg = "ema-export", ModelConfig(**{**ckpt["model_config"], **_fields(overrides), "z_dim": 0})
         latents = ckpt.get("latents")
     elif path.with_suffix(".json").is_file() and "train_state" in ckpt:
         meta = checkpoint.load_meta(path)
-        source, cfg = "checkpoint", ModelConfig(**{**meta["config"]["model"], **overrides, "z_dim": 0})
+        source, cfg = "checkpoint", ModelConfig(**{**meta["config"]["model"], **_fields(overrides), "z_dim": 0})
         latents = meta.get("latents")
-    elif "args" in ckpt:
-        source, cfg, latents = "official", _official_config(ckpt["args"], overrides), None
+    elif "args" in ckpt or "preset" in overrides:  # official file, or any file whose net the config describes
+        source, cfg, latents = "official", _official_config(ckpt.get("args"), overrides), None
+        if "ema" not in ckpt and "model" not in ckpt:
+            ckpt = {"ema": ckpt}  # a bare state dict
     else:
         raise RuntimeError(f"{path}: not an EMA export, a checkpoint with its .json sidecar, or an official "
-                           "HASTE/REPA checkpoint (no 'model_config', sidecar or 'args')")
+                           "HASTE/REPA checkpoint (no 'model_config', sidecar or 'args'); for a bare state dict "
+                           "set eval.model.preset")
     state = {k: v for k, v in checkpoint.model_state_for_inference(ckpt).items() if not k.startswith("projectors.")}
     model = SiT(cfg)
     try:
