@@ -109,7 +109,7 @@ def meta_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, 
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
-def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[int, int, int],
+def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[int, int, int],  # chunk: new stores
                meta: dict[str, Any], create: bool = True, clean: bool = False) -> SampleStore:
     """Open (or create) the store at ``path``; an existing store must have been made with ``meta``.
 
@@ -120,7 +120,8 @@ def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[i
     import zarr
 
     path = Path(path)
-    meta = {**meta, "num_samples": num_samples, "chunk": chunk, "shape": list(shape)}
+    # The chunk size is the store's own layout, not a setting: a resume keeps it whatever the batch size.
+    meta = {**meta, "num_samples": num_samples, "shape": list(shape)}
     group = zarr.open_group(str(path), mode="r+") if (path / "zarr.json").is_file() else None
     old = dict(group.attrs.get("haste", {})) if group is not None else {}
     if old:  # (a group without our attrs is a creation that was killed: made again below)
@@ -177,6 +178,18 @@ def export_npz(store: SampleStore, out: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def npz_matches(store: SampleStore, path: Path) -> bool:
+    """Whether ``path`` is an export of this store's shape (its header only; nothing else is read)."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+    return shape == (store.num_samples, *store.images.shape[1:]) and dtype == np.uint8
 
 
 def write_grid(images: np.ndarray, path: Path, cols: int | None = None) -> Path:

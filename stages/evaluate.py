@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pipeline import configs, dist
 from pipeline.configs import ConfigError, check
 from pipeline.metrics import MetricsConfig, compute_metrics, summary_line
-from pipeline.sample_store import SampleStore, export_npz, open_store, write_grid
+from pipeline.sample_store import SampleStore, export_npz, npz_matches, open_store, write_grid
 from pipeline.shards import atomic_write_json
 from pipeline.vae import DEFAULT_VAE, decode_latents, load_vae
 from trainer import checkpoint
@@ -52,7 +52,8 @@ class EvalConfig:
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (+ `preset`) for official files
     out: str | None = None             # default: <run_dir>/eval/<tag> (<checkpoint dir>/../eval/<tag>)
     num_samples: int = 50_000
-    batch_size: int = 64               # images per rank per step = one zarr chunk
+    batch_size: int = 64               # images per model call on each rank (free to change on resume)
+    chunk_size: int = 256              # images per zarr chunk: the unit of resume and of the rank split
     seed: int = 0
     labels: Literal["uniform", "balanced"] = "uniform"   # uniform random = the ADM protocol
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -78,6 +79,7 @@ class EvalConfig:
         check(not bad, "model", f"unknown ModelConfig field(s) {bad}; known: {sorted(known)}")
         check(self.num_samples >= 1, "num_samples", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
         check(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         check(self.grid_count >= 0, "grid_count", "must be >= 0")
         check(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
@@ -169,15 +171,18 @@ def _sample_chunks(cfg: EvalConfig, store: SampleStore, pending: list[int], load
     for c in pending:
         idx = np.asarray(store.chunk_range(c))
         seeds, labels = image_seeds(cfg.seed, idx), image_labels(cfg.seed, idx, num_classes, cfg.labels)
-        with autocast:
-            z = generate_latents(loaded.model, seeds, labels, cfg.sampler)
-        if not bool(torch.isfinite(z).all()):  # uint8 would turn NaN into silent black images
-            raise RuntimeError(f"non-finite latents in chunk {c} (images {idx[0]}..{idx[-1]}): the checkpoint "
-                               "diverged, or try precision=fp32")
-        images = decode_latents(vae, z, scale, bias, rounding=cfg.rounding).permute(0, 2, 3, 1).cpu().numpy()
-        store.write_chunk(c, images, labels, seeds)
+        parts = []
+        for b in range(0, len(idx), cfg.batch_size):
+            sl = slice(b, b + cfg.batch_size)
+            with autocast:
+                z = generate_latents(loaded.model, seeds[sl], labels[sl], cfg.sampler)
+            if not bool(torch.isfinite(z).all()):  # uint8 would turn NaN into silent black images
+                raise RuntimeError(f"non-finite latents among images {idx[sl][0]}..{idx[sl][-1]}: the checkpoint "
+                                   "diverged, or try precision=fp32")
+            parts.append(decode_latents(vae, z, scale, bias, rounding=cfg.rounding).permute(0, 2, 3, 1).cpu().numpy())
+            bar.update(len(z))
+        store.write_chunk(c, np.concatenate(parts), labels, seeds)
         done += len(idx)
-        bar.update(len(idx))
     bar.close()
     return done
 
@@ -195,10 +200,10 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     out = output_dir(cfg, ckpt, loaded.step)
     meta = store_meta(cfg, ckpt, loaded, (vae_name, vae_seed, scale, bias))
     if d.is_main:  # rank 0 creates (or validates and cleans) the store; the others open it after the barrier
-        open_store(out / "samples.zarr", num_samples=cfg.num_samples, chunk=cfg.batch_size, shape=(side, side, 3),
+        open_store(out / "samples.zarr", num_samples=cfg.num_samples, chunk=cfg.chunk_size, shape=(side, side, 3),
                    meta=meta, clean=True)
     dist.barrier()
-    store = open_store(out / "samples.zarr", num_samples=cfg.num_samples, chunk=cfg.batch_size,
+    store = open_store(out / "samples.zarr", num_samples=cfg.num_samples, chunk=cfg.chunk_size,
                        shape=(side, side, 3), meta=meta, create=False)
     pending = store.pending(d.rank, d.world_size)
     dist.barrier()  # every rank has read the same done flags before any rank writes one
@@ -224,7 +229,9 @@ def _finish(cfg: EvalConfig, store: SampleStore, out: Path, ckpt: Path, loaded: 
     """Rank 0: grid, npz, metrics.json and the one-line summary."""
     grid = write_grid(store.images[:min(cfg.grid_count, store.num_samples)], out / "grid.png") \
         if cfg.grid_count else None
-    npz = export_npz(store, out / "samples.npz") if cfg.npz else None
+    npz = out / "samples.npz" if cfg.npz else None
+    if npz is not None and not (sampled == 0 and npz_matches(store, npz)):  # 9.8 GB: rewritten only when stale
+        export_npz(store, npz)
     result: dict[str, Any] = {
         "out": str(out), "checkpoint": str(ckpt), "checkpoint_source": loaded.source, "step": loaded.step,
         "num_samples": store.num_samples, "sampler": configs.to_dict(cfg.sampler), "nfe": cfg.sampler.nfe,

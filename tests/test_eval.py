@@ -42,7 +42,8 @@ def trained_run(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def eval_cfg(run_dir: Path, out: Path, *extra: str) -> EvalConfig:
-    sets = [f"run_dir={run_dir}", f"out={out}", "num_samples=10", "batch_size=4", "device=cpu", "compute=false",
+    sets = [f"run_dir={run_dir}", f"out={out}", "num_samples=10", "batch_size=4", "chunk_size=4", "device=cpu",
+            "compute=false",
             "grid_count=9", *SAMPLER, *extra]
     return load_eval_config(None, tuple(sets))
 
@@ -99,9 +100,13 @@ def test_outputs_and_batch_size_independence(trained_run: Path, tmp_path: Path) 
 def test_rerun_of_a_finished_store_samples_nothing(trained_run: Path, tmp_path: Path) -> None:
     cfg = eval_cfg(trained_run, tmp_path / "e")
     run(cfg)
+    stamp = (tmp_path / "e" / "samples.npz").stat().st_mtime_ns
     again = run(cfg)
     assert again["sampling"]["images"] == 0
-    assert again["npz"] and Path(again["npz"]).is_file()
+    assert again["npz"] and (tmp_path / "e" / "samples.npz").stat().st_mtime_ns == stamp   # not rewritten
+    (tmp_path / "e" / "samples.npz").write_bytes(b"truncated")                            # a broken export
+    run(cfg)
+    assert images(tmp_path / "e").shape == (10, 64, 64, 3)
 
 
 def test_killed_run_resumes_to_the_uninterrupted_store(trained_run: Path, tmp_path: Path,
@@ -152,8 +157,10 @@ def test_changed_settings_are_refused_naming_the_fields(trained_run: Path, tmp_p
     run(eval_cfg(trained_run, out))
     with pytest.raises(SampleStoreError, match=r"seed: store has 0, this run wants 1"):
         run(eval_cfg(trained_run, out, "seed=1"))
-    with pytest.raises(SampleStoreError, match=r"chunk: store has 4, this run wants 5"):
-        run(eval_cfg(trained_run, out, "batch_size=5"))
+    with pytest.raises(SampleStoreError, match=r"num_samples: store has 10, this run wants 12"):
+        run(eval_cfg(trained_run, out, "num_samples=12"))
+    # the batch size is not a setting of the store: a resume after an OOM may lower it
+    assert run(eval_cfg(trained_run, out, "batch_size=3", "chunk_size=5"))["num_samples"] == 10
 
 
 def test_default_output_dir_and_truncation(trained_run: Path, tmp_path: Path) -> None:
@@ -253,7 +260,8 @@ def test_cli_eval(trained_run: Path, tmp_path: Path) -> None:
 def test_two_gloo_ranks_make_the_same_store(trained_run: Path, tmp_path: Path) -> None:
     run(eval_cfg(trained_run, tmp_path / "one"))
     sets = []
-    for s in [f"run_dir={trained_run}", f"out={tmp_path / 'two'}", "num_samples=10", "batch_size=4", "device=cpu",
+    for s in [f"run_dir={trained_run}", f"out={tmp_path / 'two'}", "num_samples=10", "batch_size=4", "chunk_size=4",
+              "device=cpu",
               "compute=false", *SAMPLER]:
         sets += ["--set", s]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
