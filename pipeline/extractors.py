@@ -57,7 +57,6 @@ class MetricsError(RuntimeError):
     """Evaluation cannot run or its inputs are invalid; the message says what to do."""
 
 
-# ----------------------------------------------------------------------------
 # Random-init extractor
 
 
@@ -151,7 +150,6 @@ def ensure_registered() -> None:
         register_feature_extractor(RANDOM_EXTRACTOR, RandomInitConvNet)
 
 
-# ----------------------------------------------------------------------------
 # Weights: check for files ourselves, before any slow work
 
 
@@ -215,7 +213,6 @@ def _cuda_device(device: str):
     return torch.cuda.device(torch.device(device)) if device.startswith("cuda") else nullcontext()
 
 
-# ----------------------------------------------------------------------------
 # Samples
 
 
@@ -284,7 +281,6 @@ def extract_features(extractor: FeatureExtractorBase, data: Dataset, *, batch_si
     return feats
 
 
-# ----------------------------------------------------------------------------
 # Reference batches
 
 

@@ -4,7 +4,6 @@ answers, names validated field by field, old caches still read, ``cache verify -
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import numpy as np
@@ -62,15 +61,6 @@ def _decode_one(name: str, q: np.ndarray, k: np.ndarray, spec: TeacherSpec = SPE
 def _centred(x: np.ndarray) -> np.ndarray:
     return x - x.mean(-1, keepdims=True)
 
-
-@pytest.fixture
-def restore_logging():
-    """The CLI configures the root logger (basicConfig(force=True)); put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------
