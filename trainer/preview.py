@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from trainer.model import SiT
 from trainer.sampling import euler_sampler
@@ -54,23 +51,16 @@ def fixed_preview_inputs(count: int, num_classes: int, shape: tuple[int, ...], s
 def sample_grid(ema: SiT, vae, noise: torch.Tensor, labels: torch.Tensor, *, steps: int, cfg_scale: float,
                 scale: float, bias: float, path: Path) -> Path:
     """Euler ODE samples from the EMA model (eval mode), decoded with the cache's VAE, as one PNG."""
+    from pipeline.sample_store import write_grid
     from pipeline.vae import decode_latents
 
     device = next(ema.parameters()).device
     fn = lambda x, t, y: ema(x, t, y).out  # noqa: E731
     z = euler_sampler(fn, noise.to(device), labels.to(device), num_steps=steps, cfg_scale=cfg_scale,
                       null_label=ema.cfg.num_classes)
-    images = decode_latents(vae, z.float(), scale, bias).cpu()             # (N, 3, H, W) uint8
-    n, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
-        r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    images = decode_latents(vae, z.float(), scale, bias).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3) uint8
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return path
+    return write_grid(images, path)  # the same contact sheet as `haste eval`'s grid.png
 
 
 def loss_plot(records: list[dict[str, Any]], path: Path, phase_boundary: int | None) -> Path | None:
