@@ -2,7 +2,7 @@
 
 The DINOv2-B architecture at random init (no weights can be downloaded), 256 px synthetic
 images, the 4 HASTE layers 8-11. For every attention codec: bytes per image, encode (device-side
-cast/pack + the writer thread's encode, one image) and decode images/s, and pipeline.fidelity's
+cast/pack + the writer thread's encode, one image) and decode images/s, and pipeline.cache.fidelity's
 metrics against the exact fp32 teacher at sharpness x1/x5/x20 (a random-init teacher attends far
 more uniformly than a trained one; sharper softmaxes amplify logit errors).
 
@@ -38,12 +38,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, environment, interleaved_medians, write  # noqa: E402
-from pipeline import fidelity  # noqa: E402
-from pipeline.codecs import AttnCodec, decode_features, encode_features, get_codec  # noqa: E402
-from pipeline.codecs_tokens import qk_from_tokens, tokens_codec  # noqa: E402
-from pipeline.schema import TEACHER, TeacherSpec, bytes_per_sample  # noqa: E402
-from pipeline.synth import synth_image  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
+from pipeline.cache import fidelity  # noqa: E402
+from pipeline.cache.codecs import AttnCodec, decode_features, encode_features, get_codec  # noqa: E402
+from pipeline.cache.codecs_tokens import qk_from_tokens, tokens_codec  # noqa: E402
+from pipeline.cache.schema import TEACHER, TeacherSpec, bytes_per_sample  # noqa: E402
+from pipeline.encoders.teacher import load_teacher  # noqa: E402
+from pipeline.inputs.synth import synth_image  # noqa: E402
 
 IMAGENET_N = 1_281_167
 ATTN_CODECS = ("qk-fp32", "qk-fp16", "logits-fp16", "qk-int8", "lowrank-r48-fp16", "lowrank-r32-fp16",
@@ -194,8 +194,8 @@ def choose_default(attn: list[dict], feats: list[dict]) -> dict:
 def loader_vs_step(default: dict, args) -> dict:
     """Phase I loader samples/s with the default codec (and qk-fp16) vs a CPU SiT-B/2 step decoding it."""
     from benchmarks.bench_train import loader_speed, overrides, step_fn
-    from pipeline.cache import open_cache
-    from pipeline.loader import CacheStream
+    from pipeline.cache.loader import CacheStream
+    from pipeline.cache.reader import open_cache
     from stages.preprocess import PreprocessConfig, run
     from trainer.config import load_train_config
     from trainer.phases import build_phases

@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, interleaved_medians, write  # noqa: E402
-from pipeline.vae import decode_latents, load_vae  # noqa: E402
+from pipeline.encoders.vae import decode_latents, load_vae  # noqa: E402
 from trainer.generate import generate_latents, image_labels, image_seeds  # noqa: E402
-from trainer.model import SiT, model_config  # noqa: E402
+from trainer.models.sit import SiT, model_config  # noqa: E402
 from trainer.sampling import SamplerConfig, sample  # noqa: E402
 
 

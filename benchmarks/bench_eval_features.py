@@ -1,7 +1,7 @@
 """Eval feature extraction: images/s of each extractor, bare and through the whole input path.
 
   bare   extractor(batch) on one uint8 batch at --resolution (interleaved medians)
-  path   pipeline.extractors.extract_features over a zarr array of --images images: lazy row-block
+  path   pipeline.metrics.extractors.extract_features over a zarr array of --images images: lazy row-block
          Dataset + torch-fidelity's loader, in-process (save_cpu_ram) and with its 4 loader workers
 Extractors: the random-init extractor (always); inception-v3-compat with its real weights when they
 are present, else recorded as skipped with the path it looked for; and inception-v3-compat's
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception  # noqa: E402
 
 from benchmarks.common import environment, interleaved_medians, write  # noqa: E402
-from pipeline.extractors import (  # noqa: E402
+from pipeline.inputs.synth import synth_image  # noqa: E402
+from pipeline.metrics.extractors import (  # noqa: E402
     INCEPTION,
     RANDOM_EXTRACTOR,
     MetricsError,
@@ -41,8 +42,7 @@ from pipeline.extractors import (  # noqa: E402
     extract_features,
     inception_weights_path,
 )
-from pipeline.metrics import feature_stats, frechet_distance  # noqa: E402
-from pipeline.synth import synth_image  # noqa: E402
+from pipeline.metrics.scores import feature_stats, frechet_distance  # noqa: E402
 
 FEATURES = ["2048", "logits_unbiased"]   # what compute_metrics asks for (FID/PR/KID + IS)
 ARCH_ONLY = f"{INCEPTION} architecture, random weights (timing only)"

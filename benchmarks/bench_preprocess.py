@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, interleaved_medians, write  # noqa: E402
-from pipeline.synth import synth_image  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
-from pipeline.vae import encode_moments, load_vae  # noqa: E402
+from pipeline.encoders.teacher import load_teacher  # noqa: E402
+from pipeline.encoders.vae import encode_moments, load_vae  # noqa: E402
+from pipeline.inputs.synth import synth_image  # noqa: E402
 from stages.preprocess import PreprocessConfig, run  # noqa: E402
 
 

@@ -27,11 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, interleaved_medians, sync, write  # noqa: E402
-from pipeline.cache import open_cache  # noqa: E402
+from pipeline.cache.loader import CacheStream  # noqa: E402
+from pipeline.cache.reader import open_cache  # noqa: E402
 from pipeline.dist import DistInfo  # noqa: E402
-from pipeline.loader import CacheStream  # noqa: E402
-from pipeline.synth import synth_image  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
+from pipeline.encoders.teacher import load_teacher  # noqa: E402
+from pipeline.inputs.synth import synth_image  # noqa: E402
 from stages.preprocess import PreprocessConfig, run  # noqa: E402
 from trainer.config import load_train_config  # noqa: E402
 from trainer.engine import (  # noqa: E402
@@ -43,7 +43,7 @@ from trainer.engine import (  # noqa: E402
     train_step,
     wrap,
 )
-from trainer.model import SIT_PRESETS  # noqa: E402
+from trainer.models.sit import SIT_PRESETS  # noqa: E402
 from trainer.objectives import attention_alignment_loss, repa_loss  # noqa: E402
 from trainer.phases import Phase, build_phases  # noqa: E402
 

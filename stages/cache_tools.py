@@ -5,7 +5,7 @@ schema (and the sha256 of a teacher group's codec files, tokens-*: its q/k proje
 the recorded models can be loaded, recomputes those samples from the source images with a fresh
 VAE/teacher forward and reports the max error of the cached values. With
 ``--fidelity`` it also measures what the teacher codec loses against an exact fp32 teacher
-(``pipeline.fidelity``: row KL, attention-loss error, gradient cosine, feature cosine error, at
+(``pipeline.cache.fidelity``: row KL, attention-loss error, gradient cosine, feature cosine error, at
 several teacher sharpnesses) and records the result in the teacher manifest under ``fidelity``.
 """
 
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import fidelity, weights
-from pipeline.cache import decode_teacher_logits, index_shard, read_sample
-from pipeline.codecs import row_centred
-from pipeline.groups import group_dir, read_index
-from pipeline.schema import (
+from pipeline.cache import fidelity
+from pipeline.cache.codecs import row_centred
+from pipeline.cache.groups import group_dir, read_index
+from pipeline.cache.reader import decode_teacher_logits, index_shard, read_sample
+from pipeline.cache.schema import (
     CODEC_DIR,
     LATENTS,
     TEACHER,
@@ -40,8 +40,9 @@ from pipeline.schema import (
     load_codec_params,
     read_manifest,
 )
-from pipeline.shards import atomic_write_json, file_sha256
-from pipeline.sources import SourceError, open_source
+from pipeline.cache.shards import atomic_write_json, file_sha256
+from pipeline.encoders import weights
+from pipeline.inputs.sources import SourceError, open_source
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def _fresh_compare(root: Path, m: GroupManifest, decoded: list[tuple[str, dict]]
         return {"ok": True, "skipped": ref}
     prec = m.models[("vae" if m.kind == LATENTS else "teacher")].get("precision", "fp32")
     if m.kind == LATENTS:
-        from pipeline.vae import encode_moments
+        from pipeline.encoders.vae import encode_moments
 
         fresh = {"moments": encode_moments(ref.model, ref.images, prec).numpy()}
     else:
@@ -243,7 +244,7 @@ def _batch(decoded: list[tuple[str, dict]]) -> dict[str, torch.Tensor]:
 
 
 def _fidelity(root: Path, m: GroupManifest, decoded: list[tuple[str, dict]], ref: _Reference | str | None) -> dict:
-    """Decoded targets vs an exact fp32 teacher forward (pipeline.fidelity); stored in the manifest."""
+    """Decoded targets vs an exact fp32 teacher forward (pipeline.cache.fidelity); stored in the manifest."""
     spec = m.spec
     assert isinstance(spec, TeacherSpec)
     if not isinstance(ref, _Reference):
@@ -295,11 +296,11 @@ def _tolerance(m: GroupManifest, prec: str) -> float:
 
 def _load_model(m: GroupManifest):
     if m.kind == LATENTS:
-        from pipeline.vae import load_vae
+        from pipeline.encoders.vae import load_vae
 
         ident = m.identity["vae"]
         return load_vae(ident["name"], seed=int(ident.get("seed", 0)))[0]
-    from pipeline.teacher import load_teacher
+    from pipeline.encoders.teacher import load_teacher
 
     ident, spec = m.identity["teacher"], m.spec
     capture = {"q", "k", *get_codec(spec.codec).inputs}  # q, k: the exact reference; the rest: the fresh recompute

@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 8 -m stages.cli eval ...      # ranks split the chunks
 
 Outputs under ``out`` (default ``<run_dir>/eval/<tag>``): ``samples.zarr`` (the store, see
-pipeline/sample_store.py), ``samples.npz`` (ADM evaluator layout), ``grid.png`` and
+pipeline/metrics/sample_store.py), ``samples.npz`` (ADM evaluator layout), ``grid.png`` and
 ``metrics.json``. Rerunning the same command samples only the missing chunks; a finished store
 goes straight to the metrics.
 """
@@ -24,14 +24,14 @@ import torch
 from tqdm import tqdm
 
 from pipeline import configs, dist
+from pipeline.cache.shards import atomic_write_json
 from pipeline.configs import ConfigError, check
-from pipeline.metrics import MetricsConfig, compute_metrics, summary_line
-from pipeline.sample_store import SampleStore, export_npz, npz_matches, open_store, write_grid
-from pipeline.shards import atomic_write_json
-from pipeline.vae import DEFAULT_VAE, decode_latents, load_vae
+from pipeline.encoders.vae import DEFAULT_VAE, decode_latents, load_vae
+from pipeline.metrics.sample_store import SampleStore, export_npz, npz_matches, open_store, write_grid
+from pipeline.metrics.scores import MetricsConfig, compute_metrics, summary_line
 from trainer import checkpoint
 from trainer.generate import LoadedModel, generate_latents, image_labels, image_seeds, load_model
-from trainer.model import ModelConfig
+from trainer.models.sit import ModelConfig
 from trainer.sampling import SamplerConfig
 
 log = logging.getLogger(__name__)
@@ -261,8 +261,8 @@ def synthetic_reference(spec: str, num_classes: int, size: int, out: Path) -> Pa
     """
     from PIL import Image
 
-    from pipeline.images import center_crop_adm
-    from pipeline.synth import synth_image
+    from pipeline.inputs.images import center_crop_adm
+    from pipeline.inputs.synth import synth_image
 
     parts = spec.split(":")
     try:

@@ -18,10 +18,9 @@ from typing import Literal
 
 import torch
 
-from pipeline import dist, groups, weights
-from pipeline.configs import ConfigError, check, to_dict
-from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.schema import (
+from pipeline import dist
+from pipeline.cache import groups
+from pipeline.cache.schema import (
     CODEC_DIR,
     FEAT_CODECS,
     LATENTS,
@@ -30,24 +29,34 @@ from pipeline.schema import (
     CacheFormatError,
     GroupManifest,
     LatentSpec,
-    ShardRecord,
     TeacherSpec,
     bytes_per_sample,
     codec_file_records,
     get_codec,
 )
-from pipeline.shards import atomic_write_json, remove_stale_temps, shard_name, shard_ok
-from pipeline.sources import Source, open_source
-from pipeline.teacher import DEFAULT_ARCH, DEFAULT_TEACHER, RANDOM_PRESETS, Teacher, teacher_input_size
-from pipeline.vae import DEFAULT_VAE, latent_scale_bias
+from pipeline.cache.shards import atomic_write_json, remove_stale_temps
+from pipeline.configs import ConfigError, check, to_dict
+from pipeline.encoders import weights
+from pipeline.encoders.teacher import (
+    DEFAULT_ARCH,
+    DEFAULT_TEACHER,
+    RANDOM_PRESETS,
+    Teacher,
+    teacher_input_size,
+)
+from pipeline.encoders.vae import DEFAULT_VAE, latent_scale_bias
+from pipeline.inputs.images import DEFAULT_MAX_PIXELS
+from pipeline.inputs.sources import Source, open_source
+from stages.preprocess_engine import (  # noqa: F401  (PreprocessError, done_record: part of this stage's API)
+    PreprocessError,
+    done_record,
+    encode_shards,
+    progress_path,
+)
 
 log = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16"]
 CROP = "center-crop-dhariwal"
-
-
-class PreprocessError(RuntimeError):
-    """The stage cannot (or must not) finish; the message says why and what to do."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +72,7 @@ class PreprocessConfig:
     teacher_arch: str = DEFAULT_ARCH      # timm architecture the weights belong to
     teacher_layers: tuple[int, ...] = (8, 9, 10, 11)
     teacher_precision: Precision = "fp32"
-    # Attention codec (pipeline.codecs). The default is the smallest codec whose worst case over the
+    # Attention codec (pipeline.cache.codecs). The default is the smallest codec whose worst case over the
     # teacher sharpness sweep x1/x5/x20 AND the flat-spectrum stress keeps the ATTA gradient cosine
     # >= 0.999 (benchmarks/bench_codecs.py, random-init DINOv2-B): tokens-int8 stores the qkv input
     # tokens (788 KB/image for 4 layers) and decodes q, k through the group's stored projections, so
@@ -178,27 +187,6 @@ def plan_groups(cfg: PreprocessConfig, source: Source) -> list[GroupPlan]:
     return plans
 
 
-def progress_path(plan: GroupPlan, shard: int) -> Path:
-    return plan.dir / "progress" / f"{shard_name(shard)}.json"
-
-
-def done_record(plan: GroupPlan, shard: int, verify: str) -> ShardRecord | None:
-    """The shard's record if it was completed earlier and the file still matches it."""
-    p = progress_path(plan, shard)
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text())
-        rec = ShardRecord(**{**data, "skipped": tuple(tuple(x) for x in data["skipped"])})
-    except (json.JSONDecodeError, TypeError, KeyError):
-        return None
-    if shard_ok(plan.dir / rec.name, rec, check_hash=verify == "sha256"):
-        return rec
-    log.warning("%s does not match its progress record (missing, truncated or corrupt): it will be rewritten",
-                plan.dir / rec.name)
-    return None
-
-
 def dry_run_report(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan]) -> dict:
     n = len(source.items)
     out = {"config": to_dict(cfg), "source": {"kind": source.kind, "count": n, "classes": len(source.classes)},
@@ -266,8 +254,6 @@ def model_identities(plans: list[GroupPlan]) -> dict:
 
 def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
     """Build (or finish) the cache described by ``cfg``; returns a summary dict."""
-    from stages.preprocess_engine import encode_shards
-
     d = dist.init(cfg.device)
     source = open_source(cfg.source, synthetic_classes=cfg.synthetic_classes, synthetic_seed=cfg.synthetic_seed)
     plans = plan_groups(cfg, source)

@@ -11,18 +11,18 @@ import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.dist import DistInfo
-from pipeline.images import SkipImage
-from pipeline.schema import (
+from pipeline.cache.schema import (
     CODEC_DIR,
     LATENTS,
     CacheFormatError,
+    ShardRecord,
     codec_files,
     encode_codec_params,
     encode_latent_sample,
@@ -30,13 +30,48 @@ from pipeline.schema import (
     get_codec,
     load_npy,
 )
-from pipeline.shards import ShardWriter, atomic_write_bytes, atomic_write_json, shard_name
-from pipeline.sources import Source
-from pipeline.teacher import Teacher, load_teacher
-from pipeline.vae import encode_moments, load_vae
+from pipeline.cache.shards import ShardWriter, atomic_write_bytes, atomic_write_json, shard_name, shard_ok
+from pipeline.dist import DistInfo
+from pipeline.encoders.teacher import Teacher, load_teacher
+from pipeline.encoders.vae import encode_moments, load_vae
+from pipeline.inputs.images import SkipImage
+from pipeline.inputs.sources import Source
 
 log = logging.getLogger(__name__)
 
+
+class PreprocessError(RuntimeError):
+    """The stage cannot (or must not) finish; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The resume journal: one progress record per finished shard
+# ----------------------------------------------------------------------------------------------
+
+def progress_path(plan, shard: int) -> Path:
+    return plan.dir / "progress" / f"{shard_name(shard)}.json"
+
+
+def done_record(plan, shard: int, verify: str) -> ShardRecord | None:
+    """The shard's record if it was completed earlier and the file still matches it."""
+    p = progress_path(plan, shard)
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+        rec = ShardRecord(**{**data, "skipped": tuple(tuple(x) for x in data["skipped"])})
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return None
+    if shard_ok(plan.dir / rec.name, rec, check_hash=verify == "sha256"):
+        return rec
+    log.warning("%s does not match its progress record (missing, truncated or corrupt): it will be rewritten",
+                plan.dir / rec.name)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Loaded:
@@ -116,8 +151,6 @@ def shard_sink(plan) -> _ShardSink:
 
 def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int) -> None:
     """Write this rank's share of the shards that some pending group still lacks."""
-    from stages.preprocess import done_record
-
     # Each rank verifies (sha256 by default) only its share of the earlier shards, then all ranks
     # share the verdicts: a resumed N-rank run reads the finished part of the cache once, not N times.
     mine = range(d.rank, num_shards, d.world_size)
@@ -226,8 +259,6 @@ def write_codec_files(plan, teacher: Teacher, d: DistInfo) -> None:
 
 
 def _check_same(path, data: bytes, dtype: str, shape: tuple[int, ...], gdir) -> None:
-    from stages.preprocess import PreprocessError
-
     new = load_npy(data, dtype=dtype, shape=shape, where="new")
     try:
         old = load_npy(path.read_bytes(), dtype=dtype, shape=shape, where=str(path))

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import tiny_preprocess_config  # noqa: E402
 
-from pipeline import shards  # noqa: E402
+from pipeline.cache import shards  # noqa: E402
 from stages.preprocess import run  # noqa: E402
 
 

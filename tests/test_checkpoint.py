@@ -30,7 +30,7 @@ import trainer.loop
 from stages.cli import main as cli
 from trainer import checkpoint
 from trainer.loop import TrainingError, train
-from trainer.model import ModelConfig, SiT
+from trainer.models.sit import ModelConfig, SiT
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""pipeline.codecs + pipeline.fidelity: every codec within its documented bound, metrics with known
+"""pipeline.cache.codecs + pipeline.cache.fidelity: every codec within its documented bound, metrics with known
 answers, names validated field by field, old caches still read, ``cache verify --fidelity``."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from conftest import tiny_preprocess_config
 
-from pipeline import fidelity
-from pipeline.codecs import (
+from pipeline.cache import fidelity
+from pipeline.cache.codecs import (
     FEAT_CODECS,
     decode_features,
     encode_features,
@@ -21,7 +21,7 @@ from pipeline.codecs import (
     parse_codec_name,
     unpack_int8_np,
 )
-from pipeline.schema import (
+from pipeline.cache.schema import (
     TEACHER,
     CacheFormatError,
     TeacherSpec,
@@ -87,7 +87,7 @@ def test_bad_codec_names_name_the_field(name, field):
 
 
 def test_rank_above_head_dim_is_a_config_error_naming_codec_and_rank(tmp_path):
-    from pipeline.sources import open_source
+    from pipeline.inputs.sources import open_source
     from stages.preprocess import plan_groups
 
     cfg = tiny_preprocess_config(tmp_path, codec="lowrank-r9-int8")  # the tiny teacher has head_dim 8
@@ -283,8 +283,8 @@ def test_demo_cache_keys_unchanged_and_trainer_decodes_int8(demo_cache, tmp_path
     decode an int8 cache: logits as the codec decodes them, features with the same REPA loss."""
     from trainutil import tiny_cfg
 
-    from pipeline.cache import open_cache
-    from pipeline.loader import CacheStream
+    from pipeline.cache.loader import CacheStream
+    from pipeline.cache.reader import open_cache
     from stages.preprocess import run
     from trainer.engine import build_model, prepare_inputs
     from trainer.objectives import repa_loss
@@ -313,7 +313,7 @@ def test_demo_cache_keys_unchanged_and_trainer_decodes_int8(demo_cache, tmp_path
 
 
 def test_verify_fidelity_writes_manifest_and_falls_back_without_teacher(tmp_path, monkeypatch, restore_logging):
-    from pipeline import weights
+    from pipeline.encoders import weights
     from stages import cache_tools
     from stages.cli import main as cli
     from stages.preprocess import run

@@ -16,7 +16,7 @@ import timm
 import torch
 from conftest import tiny_preprocess_config
 
-from pipeline.codecs import (
+from pipeline.cache.codecs import (
     get_codec,
     pack_int8,
     pack_int8_torch,
@@ -24,8 +24,8 @@ from pipeline.codecs import (
     row_centred,
     unpack_int8_np,
 )
-from pipeline.codecs_tokens import basis, qk_from_tokens, tokens_codec
-from pipeline.schema import (
+from pipeline.cache.codecs_tokens import basis, qk_from_tokens, tokens_codec
+from pipeline.cache.schema import (
     CODEC_DIR,
     TEACHER,
     CacheFormatError,
@@ -33,7 +33,7 @@ from pipeline.schema import (
     decode_members,
     encode_teacher_sample,
 )
-from pipeline.teacher import RANDOM_PRESETS, Teacher, load_teacher
+from pipeline.encoders.teacher import RANDOM_PRESETS, Teacher, load_teacher
 
 SPEC = TeacherSpec(layers=(8, 11), num_heads=3, head_dim=8, embed_dim=24, grid=4, num_prefix_tokens=1,
                    scale=8 ** -0.5, codec="tokens-int8")
@@ -245,7 +245,7 @@ def tokens_cache(tmp_path_factory):
 def test_group_files_hashed_and_plain(tokens_cache):
     import hashlib
 
-    from pipeline.cache import open_cache
+    from pipeline.cache.reader import open_cache
 
     c = open_cache(tokens_cache)
     gdir = tokens_cache / TEACHER / c.teacher.key
@@ -262,9 +262,9 @@ def test_group_files_hashed_and_plain(tokens_cache):
 def test_trainer_decodes_and_trains_on_a_tokens_cache(tokens_cache, tmp_path):
     from trainutil import single_thread, stats, tiny_cfg
 
-    from pipeline.cache import open_cache
-    from pipeline.loader import CacheStream
-    from pipeline.schema import load_codec_params
+    from pipeline.cache.loader import CacheStream
+    from pipeline.cache.reader import open_cache
+    from pipeline.cache.schema import load_codec_params
     from trainer.engine import build_model, prepare_inputs
     from trainer.loop import train
     from trainer.phases import build_phases
@@ -288,7 +288,7 @@ def test_trainer_decodes_and_trains_on_a_tokens_cache(tokens_cache, tmp_path):
 
 
 def test_verify_fidelity_and_damaged_group_files(tokens_cache, tmp_path):
-    from pipeline.cache import open_cache
+    from pipeline.cache.reader import open_cache
     from stages import cache_tools
 
     report = cache_tools.verify(tokens_cache, samples=3, fidelity=True)
@@ -317,7 +317,7 @@ def test_verify_fidelity_and_damaged_group_files(tokens_cache, tmp_path):
 def test_existing_group_files_are_kept_or_refused(tmp_path):
     """A codec file left by an earlier run is never replaced (its shards were encoded against it):
     it must match this teacher's arrays, else the group is refused."""
-    from pipeline.sources import open_source
+    from pipeline.inputs.sources import open_source
     from stages.preprocess import PreprocessError, plan_groups, run
 
     cfg = tiny_preprocess_config(tmp_path / "c", source="synthetic:8", codec="tokens-int8")

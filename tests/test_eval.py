@@ -20,14 +20,14 @@ from click.testing import CliRunner
 from PIL import Image
 from trainutil import single_thread, tiny_cfg
 
-import pipeline.sample_store
+import pipeline.metrics.sample_store
 from pipeline.configs import ConfigError
-from pipeline.sample_store import SampleStoreError
+from pipeline.metrics.sample_store import SampleStoreError
 from stages.cli import main as cli
 from stages.evaluate import EvalConfig, load_eval_config, run, sample_tag
 from trainer.generate import image_labels, image_seeds, load_model
 from trainer.loop import train
-from trainer.model import ModelConfig, SiT
+from trainer.models.sit import ModelConfig, SiT
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLER = ["sampler.mode=sde", "sampler.num_steps=3", "sampler.cfg_scale=2.0", "sampler.guidance_high=0.7"]
@@ -113,7 +113,7 @@ def test_killed_run_resumes_to_the_uninterrupted_store(trained_run: Path, tmp_pa
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     run(eval_cfg(trained_run, ref_out))
-    real = pipeline.sample_store.SampleStore.write_chunk
+    real = pipeline.metrics.sample_store.SampleStore.write_chunk
     calls = []
 
     def dying(self, c, imgs, labels, seeds):
@@ -123,10 +123,10 @@ def test_killed_run_resumes_to_the_uninterrupted_store(trained_run: Path, tmp_pa
             raise KeyboardInterrupt
         real(self, c, imgs, labels, seeds)
 
-    monkeypatch.setattr(pipeline.sample_store.SampleStore, "write_chunk", dying)
+    monkeypatch.setattr(pipeline.metrics.sample_store.SampleStore, "write_chunk", dying)
     with pytest.raises(KeyboardInterrupt):
         run(eval_cfg(trained_run, out))
-    monkeypatch.setattr(pipeline.sample_store.SampleStore, "write_chunk", real)
+    monkeypatch.setattr(pipeline.metrics.sample_store.SampleStore, "write_chunk", real)
     import zarr
 
     assert list(zarr.open_group(str(out / "samples.zarr"), mode="r")["done"][:]) == [1, 0, 0]
@@ -181,7 +181,7 @@ def test_default_output_dir_and_truncation(trained_run: Path, tmp_path: Path) ->
 
 
 def test_round_and_truncate_differ_by_at_most_one_level() -> None:
-    from pipeline.vae import decode_latents, load_vae
+    from pipeline.encoders.vae import decode_latents, load_vae
 
     vae = load_vae("random:tiny")[0]
     z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))

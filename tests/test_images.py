@@ -1,4 +1,4 @@
-"""Tests for pipeline/images.py: ADM crop parity, mode handling, skip reasons, folder listing."""
+"""Tests for pipeline/inputs/images.py: ADM crop parity, mode handling, skip reasons, folder listing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.images import (
+from pipeline.inputs.images import (
     DEFAULT_MAX_PIXELS,
     SkipImage,
     center_crop_adm,

@@ -1,4 +1,4 @@
-"""pipeline.metrics / pipeline.extractors: Fréchet math, references, IS splits, lazy inputs, offline errors.
+"""pipeline.metrics.scores / pipeline.metrics.extractors: Fréchet math, references, IS splits, lazy inputs, offline errors.
 
 Everything runs on CPU with the registered random-init extractor on 32 px images; FID through
 ``compute_metrics`` uses ``fid_method="eigh"`` (same value as sqrtm, see the reference test) so that
@@ -18,7 +18,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.metric_isc import isc_features_to_metric
 
 from pipeline.configs import ConfigError
-from pipeline.extractors import (
+from pipeline.inputs.synth import synth_image
+from pipeline.metrics.extractors import (
     INCEPTION_WEIGHTS_FILE,
     RANDOM_EXTRACTOR,
     ImageArrayDataset,
@@ -26,7 +27,7 @@ from pipeline.extractors import (
     build_extractor,
     extract_features,
 )
-from pipeline.metrics import (
+from pipeline.metrics.scores import (
     MetricsConfig,
     MetricsError,
     compute_metrics,
@@ -35,7 +36,6 @@ from pipeline.metrics import (
     load_reference,
     summary_line,
 )
-from pipeline.synth import synth_image
 
 N, RES = 40, 32
 
@@ -374,7 +374,7 @@ def test_fd_dinov2_is_skipped_with_reason_offline(tmp_path, monkeypatch, shapes,
 
 
 def test_reference_features_are_cached(tmp_path, monkeypatch, shapes, noise, refs):
-    import pipeline.metrics as m
+    import pipeline.metrics.scores as m
 
     calls = []
     real = m.extract_features

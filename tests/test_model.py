@@ -1,4 +1,4 @@
-"""Tests for trainer/model.py: shapes, init, parameter counts, checkpoint keys, taps, embeddings.
+"""Tests for trainer/models/sit.py: shapes, init, parameter counts, checkpoint keys, taps, embeddings.
 
 Every reference here is written independently of the model code (loops and explicit formulas
 from SPEC §1), and tiny configs keep each test well under a second on CPU.
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import trainer.model as model_mod
-from trainer.model import SIT_PRESETS, ModelConfig, ModelOut, SiT, count_params, model_config
+import trainer.models.sit as model_mod
+from trainer.models.sit import SIT_PRESETS, ModelConfig, ModelOut, SiT, count_params, model_config
 
 TINY = dict(depth=4, hidden_size=64, num_heads=4, patch_size=2, input_size=8, num_classes=10,
             projector_dim=32, z_dim=16)

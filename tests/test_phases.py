@@ -10,7 +10,7 @@ import torch
 from trainutil import load_ckpt, single_thread, stats, tiny_cfg
 
 import trainer.engine
-from pipeline.cache import CacheMismatchError
+from pipeline.cache.reader import CacheMismatchError
 from pipeline.configs import ConfigError
 from trainer.config import AlignConfig, load_train_config
 from trainer.loop import train

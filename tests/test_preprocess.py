@@ -24,11 +24,11 @@ from click.testing import CliRunner
 from conftest import tiny_preprocess_config
 from PIL import Image
 
-from pipeline.cache import index_shard, open_cache, read_sample
-from pipeline.schema import LATENTS, TEACHER, bytes_per_sample, decode_members, read_manifest
-from pipeline.sources import SourceError, open_source
-from pipeline.synth import synth_image, write_image_folder, write_wds_shards
-from pipeline.weights import WeightsError
+from pipeline.cache.reader import index_shard, open_cache, read_sample
+from pipeline.cache.schema import LATENTS, TEACHER, bytes_per_sample, decode_members, read_manifest
+from pipeline.encoders.weights import WeightsError
+from pipeline.inputs.sources import SourceError, open_source
+from pipeline.inputs.synth import synth_image, write_image_folder, write_wds_shards
 from stages import preprocess_engine
 from stages.cli import main as cli
 from stages.preprocess import PreprocessError, plan_groups, run
@@ -493,8 +493,8 @@ def test_verify_detects_wrong_values_with_right_hashes(demo_cache, tmp_path, res
     lat_dir = next((out / LATENTS).iterdir())
     m = read_manifest(lat_dir)
     # rewrite shard 0 with every moment doubled, and fix up the records so only the values are wrong
-    from pipeline.schema import encode_latent_sample
-    from pipeline.shards import ShardWriter, atomic_write_json, iter_samples
+    from pipeline.cache.schema import encode_latent_sample
+    from pipeline.cache.shards import ShardWriter, atomic_write_json, iter_samples
     samples = list(iter_samples(lat_dir / "shard-000000.tar"))
     w = ShardWriter(lat_dir / "shard-000000.tar", 0)
     for key, members in samples:
@@ -518,12 +518,12 @@ def test_env_is_offline():
 
 def test_cli_error_from_a_dataloader_worker_is_one_line():
     """A worker's re-raised exception embeds its traceback; the CLI keeps only the original line."""
-    from pipeline.schema import CacheFormatError
-    from stages.cli import _message
+    from pipeline.cache.schema import CacheFormatError
+    from stages.cli_common import _message
 
     wrapped = CacheFormatError(
         "Caught CacheFormatError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
         '  File "x.py", line 1, in f\n    raise CacheFormatError("shard missing: /c/s.tar")\n'
-        "pipeline.schema.CacheFormatError: shard missing: /c/s.tar\n")
+        "pipeline.cache.schema.CacheFormatError: shard missing: /c/s.tar\n")
     assert _message(wrapped) == "shard missing: /c/s.tar"
     assert _message(ValueError("plain message")) == "plain message"

@@ -1,4 +1,4 @@
-"""Tests for the cache reader (pipeline/cache.py) and the training stream (pipeline/loader.py).
+"""Tests for the cache reader (pipeline/cache/reader.py) and the training stream (pipeline/cache/loader.py).
 
 Every test that changes a cache works on a copy (``cache_copy``); the session ``demo_cache``
 (48 samples, 6 shards of 8, both groups) is never modified.
@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cache as cache_mod
-from pipeline import loader as loader_mod
-from pipeline.cache import (
+from pipeline.cache import loader as loader_mod
+from pipeline.cache import reader as cache_mod
+from pipeline.cache.loader import CacheStream, Position, collate, make_loader, seek, slot_shards
+from pipeline.cache.reader import (
     CacheMismatchError,
     Requirements,
     check_cache,
@@ -30,9 +31,8 @@ from pipeline.cache import (
     sample_order,
     shard_order,
 )
-from pipeline.loader import CacheStream, Position, collate, make_loader, seek, slot_shards
-from pipeline.schema import LATENTS, TEACHER, CacheFormatError
-from pipeline.shards import ShardWriter, iter_samples
+from pipeline.cache.schema import LATENTS, TEACHER, CacheFormatError
+from pipeline.cache.shards import ShardWriter, iter_samples
 
 NUM_SHARDS, SHARD_SIZE, NUM_SAMPLES = 6, 8, 48
 

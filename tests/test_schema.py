@@ -1,4 +1,4 @@
-"""pipeline.schema: every field and codec round-trips exactly; malformed samples are refused."""
+"""pipeline.cache.schema: every field and codec round-trips exactly; malformed samples are refused."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from webdataset.tariterators import base_plus_ext
 
-from pipeline import schema
-from pipeline.schema import (
+from pipeline.cache import schema
+from pipeline.cache.schema import (
     CODECS,
     LATENTS,
     TEACHER,
@@ -29,7 +29,7 @@ from pipeline.schema import (
     npy_bytes,
     sample_key,
 )
-from pipeline.shards import ShardWriter, iter_samples
+from pipeline.cache.shards import ShardWriter, iter_samples
 
 WHERE = "shard-000003.tar:class_001/img_000042"
 
@@ -331,7 +331,7 @@ def test_manifest_json_round_trip(tmp_path):
 def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch) -> None:
     import os
 
-    from pipeline import shards
+    from pipeline.cache import shards
 
     path = tmp_path / "manifest.json"
     shards.atomic_write_json(path, {"v": 1})

@@ -1,4 +1,4 @@
-"""Tests for pipeline/synth.py: determinism, labels, learnability, and the two writers."""
+"""Tests for pipeline/inputs/synth.py: determinism, labels, learnability, and the two writers."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.images import decode_image, list_image_folder
-from pipeline.synth import (
+from pipeline.inputs.images import decode_image, list_image_folder
+from pipeline.inputs.synth import (
     NUM_DISTINCT_CLASSES,
     class_attributes,
     encode_image,

@@ -1,4 +1,4 @@
-"""pipeline.teacher: the hooked targets equal a hook-free manual attention of the timm model."""
+"""pipeline.encoders.teacher: the hooked targets equal a hook-free manual attention of the timm model."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from pipeline.schema import TEACHER, TeacherSpec, decode_members, encode_teacher_sample, get_codec
-from pipeline.teacher import IMAGENET_MEAN, IMAGENET_STD, RANDOM_PRESETS, load_teacher, preprocess
-from pipeline.weights import state_dict_sha256
+from pipeline.cache.schema import TEACHER, TeacherSpec, decode_members, encode_teacher_sample, get_codec
+from pipeline.encoders.teacher import IMAGENET_MEAN, IMAGENET_STD, RANDOM_PRESETS, load_teacher, preprocess
+from pipeline.encoders.weights import state_dict_sha256
 
 RES = 64  # teacher input 56 px -> 4x4 patch grid
 

@@ -15,16 +15,16 @@ from click.testing import CliRunner
 from PIL import Image
 from trainutil import ckpt_steps, copy_cache, load_ckpt, overrides, single_thread, stats, tiny_cfg
 
+import pipeline.cache.loader
 import pipeline.dist
-import pipeline.loader
 import trainer.engine
 import trainer.loop
-from pipeline.cache import CacheMismatchError
+from pipeline.cache.reader import CacheMismatchError
 from pipeline.configs import ConfigError, to_dict
 from pipeline.dist import DistInfo
 from stages.cli import main as cli
 from trainer.loop import TrainingError, train
-from trainer.model import ModelConfig, SiT
+from trainer.models.sit import ModelConfig, SiT
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -132,7 +132,7 @@ class _TeacherSpy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, cache: Path):
         self.touched: list[str] = []
         self.prefix = str(cache / "teacher")
-        real_open, real_index, real_shard = builtins.open, pipeline.loader.index_shard, pipeline.loader._open_shard
+        real_open, real_index, real_shard = builtins.open, pipeline.cache.loader.index_shard, pipeline.cache.loader._open_shard
 
         def note(path) -> None:
             if str(path).startswith(self.prefix):
@@ -151,8 +151,8 @@ class _TeacherSpy:
             return real_shard(path)
 
         monkeypatch.setattr(builtins, "open", spy_open)
-        monkeypatch.setattr(pipeline.loader, "index_shard", spy_index)
-        monkeypatch.setattr(pipeline.loader, "_open_shard", spy_shard)
+        monkeypatch.setattr(pipeline.cache.loader, "index_shard", spy_index)
+        monkeypatch.setattr(pipeline.cache.loader, "_open_shard", spy_shard)
 
 
 def test_vanilla_trains_without_teacher_group(demo_cache: Path, tmp_path: Path,

@@ -9,10 +9,10 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from pipeline import weights
-from pipeline.teacher import DEFAULT_TEACHER, load_teacher
-from pipeline.vae import DEFAULT_VAE, RANDOM_PRESETS, load_vae
-from pipeline.weights import WeightsError, state_dict_sha256
+from pipeline.encoders import weights
+from pipeline.encoders.teacher import DEFAULT_TEACHER, load_teacher
+from pipeline.encoders.vae import DEFAULT_VAE, RANDOM_PRESETS, load_vae
+from pipeline.encoders.weights import WeightsError, state_dict_sha256
 
 # The smallest DINOv2 family member timm ships with a full 12-block depth (layers 8-11 exist).
 ARCH = "vit_small_patch14_dinov2"

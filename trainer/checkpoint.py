@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pipeline.shards import atomic_write_json
+from pipeline.cache.shards import atomic_write_json
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pipeline import configs
 from pipeline.configs import ConfigError, check
-from trainer.model import SIT_PRESETS, ModelConfig
+from trainer.models.sit import SIT_PRESETS, ModelConfig
 
 # Alignment recipes (SPEC §2.3, §2.4, Paper Table 16). Block/layer indices are 0-based.
 ALIGN_PRESETS: dict[str, dict[str, Any]] = {

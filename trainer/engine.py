@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from pipeline.cache.schema import get_codec
 from pipeline.dist import DistInfo
-from pipeline.schema import get_codec
-from pipeline.vae import sample_latents
+from pipeline.encoders.vae import sample_latents
 from trainer.config import TrainConfig
-from trainer.model import SiT
+from trainer.models.sit import SiT
 from trainer.objectives import (
     attention_alignment_loss,
     flow_matching_loss,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from trainer import checkpoint
-from trainer.model import ModelConfig, SiT, model_config
+from trainer.models.sit import ModelConfig, SiT, model_config
 from trainer.sampling import PerSampleNoise, SamplerConfig, sample
 
 log = logging.getLogger(__name__)

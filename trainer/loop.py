@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from pipeline import dist
-from pipeline.cache import Requirements, check_cache, open_cache
+from pipeline.cache.groups import git_sha
+from pipeline.cache.loader import CacheStream, make_loader
+from pipeline.cache.reader import Requirements, check_cache, open_cache
+from pipeline.cache.shards import atomic_write_json, remove_stale_temps
 from pipeline.configs import to_dict
-from pipeline.groups import git_sha
-from pipeline.loader import CacheStream, make_loader
-from pipeline.shards import atomic_write_json, remove_stale_temps
 from trainer import checkpoint
 from trainer.config import RESUME_SAFE, TrainConfig, config_diff
 from trainer.engine import build_model, build_optimizer, setup_numerics, train_step, update_ema, wrap
@@ -230,7 +230,7 @@ class _Preview:
     def grid(self, ema, step: int, run_dir: Path) -> None:
         if not self.d.is_main:
             return
-        from pipeline.vae import load_vae
+        from pipeline.encoders.vae import load_vae
 
         if self.vae is None:
             self.vae = load_vae(self.vae_ident["name"], seed=int(self.vae_ident.get("seed", 0)), device=self.d.device)[0]

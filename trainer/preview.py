@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from trainer.model import SiT
+from trainer.models.sit import SiT
 from trainer.sampling import euler_sampler
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ def fixed_preview_inputs(count: int, num_classes: int, shape: tuple[int, ...], s
 def sample_grid(ema: SiT, vae, noise: torch.Tensor, labels: torch.Tensor, *, steps: int, cfg_scale: float,
                 scale: float, bias: float, path: Path) -> Path:
     """Euler ODE samples from the EMA model (eval mode), decoded with the cache's VAE, as one PNG."""
-    from pipeline.sample_store import write_grid
-    from pipeline.vae import decode_latents
+    from pipeline.encoders.vae import decode_latents
+    from pipeline.metrics.sample_store import write_grid
 
     device = next(ema.parameters()).device
     fn = lambda x, t, y: ema(x, t, y).out  # noqa: E731

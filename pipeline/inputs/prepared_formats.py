@@ -24,7 +24,7 @@ Assumptions, checked with a clear error when they fail: names in the key list wi
 the latents are SD-VAE (f8d4) moments, 8 channels. REPA-E's own f16d32 VAEs (64 channels at H/16)
 do not fit the cache's latent spec and are refused by the shape check.
 
-Pairing (``pipeline.foreign_datasets``) is by name, never by sorted position (the official
+Pairing (``pipeline.inputs.prepared``) is by name, never by sorted position (the official
 loaders zip two sorted listings, STYLE §9): image ``D/imgN.png`` <-> moments
 ``D/img-mean-std-N.npy``, the rename both edm2's ``encode`` and REPA-E's ``cache_latents.py`` apply.
 
@@ -44,14 +44,14 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.inputs.images import IMAGE_EXTENSIONS
 
 LABELS_JSON = "dataset.json"
 MOMENT_CHANNELS = 8            # SD-VAE: 4 latent channels, mean ++ std
 MAX_LISTED = 8                 # problems named in one error message
 
 
-class ForeignFormatError(ValueError):
+class PreparedFormatError(ValueError):
     """A foreign dataset is missing, malformed or inconsistent; the message names the files."""
 
 
@@ -172,7 +172,7 @@ def open_store(path: str | Path) -> Store:
         return ZipStore(p)
     if p.is_file() and p.suffix in (".h5", ".hdf5"):
         return H5Store(p)
-    raise ForeignFormatError(f"{p} not found (expected a folder, a .zip or an .h5 file)")
+    raise PreparedFormatError(f"{p} not found (expected a folder, a .zip or an .h5 file)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,20 +183,20 @@ def read_labels(store: Store) -> dict[str, int]:
     """``dataset.json`` of a store -> {name: label}; missing, unlabeled or malformed files raise."""
     where = store.where(LABELS_JSON)
     if not store.exists(LABELS_JSON):
-        raise ForeignFormatError(f"{where} not found: an edm2-style dataset lists its files and labels there")
+        raise PreparedFormatError(f"{where} not found: an edm2-style dataset lists its files and labels there")
     try:
         labels = json.loads(store.read(LABELS_JSON).decode("utf-8")).get("labels")
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise ForeignFormatError(f"{where} is not a JSON object with 'labels' ({e})") from None
+        raise PreparedFormatError(f"{where} is not a JSON object with 'labels' ({e})") from None
     if labels is None:
-        raise ForeignFormatError(f"{where} has no labels (\"labels\": null); the cache stores a class per sample")
+        raise PreparedFormatError(f"{where} has no labels (\"labels\": null); the cache stores a class per sample")
     out: dict[str, int] = {}
     for entry in labels:
         ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
         if not ok or isinstance(entry[1], bool) or not isinstance(entry[1], int) or entry[1] < 0:
-            raise ForeignFormatError(f"{where}: entry {entry!r} is not [name, class index]")
+            raise PreparedFormatError(f"{where}: entry {entry!r} is not [name, class index]")
         if entry[0] in out:
-            raise ForeignFormatError(f"{where}: {entry[0]!r} is listed twice")
+            raise PreparedFormatError(f"{where}: {entry[0]!r} is listed twice")
         out[entry[0]] = entry[1]
     return out
 
@@ -204,13 +204,13 @@ def read_labels(store: Store) -> dict[str, int]:
 def read_key_list(path: Path) -> list[str]:
     """A REPA-E ``<name>_h5.json``: the JSON list of names in the matching .h5 file."""
     if not path.is_file():
-        raise ForeignFormatError(f"{path} not found: REPA-E writes the key list of {path.name[:-8]}.h5 there")
+        raise PreparedFormatError(f"{path} not found: REPA-E writes the key list of {path.name[:-8]}.h5 there")
     try:
         keys = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ForeignFormatError(f"{path} is not valid JSON ({e})") from None
+        raise PreparedFormatError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise ForeignFormatError(f"{path} must be a JSON list of names")
+        raise PreparedFormatError(f"{path} must be a JSON list of names")
     return keys
 
 
@@ -236,9 +236,9 @@ def moments_header(store: Store, name: str) -> tuple[tuple[int, ...], np.dtype]:
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(fp)
     except ValueError as e:
-        raise ForeignFormatError(f"{store.where(name)}: not a .npy array ({e})") from None
+        raise PreparedFormatError(f"{store.where(name)}: not a .npy array ({e})") from None
     if fortran or dtype.hasobject:
-        raise ForeignFormatError(f"{store.where(name)}: Fortran-order or object .npy arrays are not accepted")
+        raise PreparedFormatError(f"{store.where(name)}: Fortran-order or object .npy arrays are not accepted")
     return tuple(shape), dtype
 
 
@@ -258,12 +258,12 @@ def read_moments(store: Store, name: str, resolution: int) -> np.ndarray:
         try:
             arr = np.load(io.BytesIO(store.read(name)), allow_pickle=False)
         except ValueError as e:
-            raise ForeignFormatError(f"{store.where(name)}: not a plain .npy array ({e})") from None
+            raise PreparedFormatError(f"{store.where(name)}: not a plain .npy array ({e})") from None
         if not isinstance(arr, np.ndarray):  # an .npz archive
-            raise ForeignFormatError(f"{store.where(name)}: not a plain .npy array (an .npz archive)")
+            raise PreparedFormatError(f"{store.where(name)}: not a plain .npy array (an .npz archive)")
     problem = moments_problem(store.where(name), arr.shape, arr.dtype, resolution)
     if problem:
-        raise ForeignFormatError(problem)
+        raise PreparedFormatError(problem)
     return arr
 
 
@@ -271,7 +271,7 @@ def raise_problems(problems: list[str], doing: str) -> None:
     """One error naming the first MAX_LISTED problems and how many more there are."""
     if problems:
         more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise ForeignFormatError(f"{len(problems)} problem(s) {doing}: " + "; ".join(problems[:MAX_LISTED]) + more)
+        raise PreparedFormatError(f"{len(problems)} problem(s) {doing}: " + "; ".join(problems[:MAX_LISTED]) + more)
 
 
 def is_image_name(name: str) -> bool:
@@ -284,7 +284,7 @@ def check_moments_item(store: Store, name: str, resolution: int) -> str | None:
         shape, dtype = moments_header(store, name)
     except FileNotFoundError:
         return f"{store.where(name)} is missing"
-    except ForeignFormatError as e:
+    except PreparedFormatError as e:
         return str(e)
     return moments_problem(store.where(name), shape, dtype, resolution)
 

@@ -19,8 +19,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.cache import Cache, CacheMismatchError, index_shard, read_sample, sample_order, shard_order
-from pipeline.schema import LATENTS, TEACHER, CacheFormatError, decode_members
+from pipeline.cache.reader import (
+    Cache,
+    CacheMismatchError,
+    index_shard,
+    read_sample,
+    sample_order,
+    shard_order,
+)
+from pipeline.cache.schema import LATENTS, TEACHER, CacheFormatError, decode_members
 
 
 @dataclass(frozen=True)

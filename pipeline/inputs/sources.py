@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.images import IMAGE_EXTENSIONS, SkipImage, decode_image, list_image_folder
-from pipeline.schema import sample_key
-from pipeline.synth import synth_image
+from pipeline.cache.schema import sample_key
+from pipeline.inputs.images import IMAGE_EXTENSIONS, SkipImage, decode_image, list_image_folder
+from pipeline.inputs.synth import synth_image
 
 
 class SourceError(ValueError):

@@ -5,7 +5,7 @@
     ds.source       # a preprocess ``Source`` over the images (the teacher pass reads it)
     ds.moment_names # aligned with ds.source.items; read with ``read_moments(ds.moments, name, res)``
 
-Layouts and assumptions are in ``pipeline.foreign_formats``. Items are ordered by image name
+Layouts and assumptions are in ``pipeline.inputs.prepared_formats``. Items are ordered by image name
 (so the cache does not depend on the order of entries in dataset.json), keyed like preprocess
 keys (relative path, extension dropped).
 """
@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.foreign_formats import (
+from pipeline.cache.schema import sample_key
+from pipeline.inputs.images import SkipImage, decode_image
+from pipeline.inputs.prepared_formats import (
     LABELS_JSON,
-    ForeignFormatError,
     H5Store,
+    PreparedFormatError,
     Store,
     is_image_name,
     moments_name,
@@ -33,9 +35,7 @@ from pipeline.foreign_formats import (
     read_key_list,
     read_labels,
 )
-from pipeline.images import SkipImage, decode_image
-from pipeline.schema import sample_key
-from pipeline.sources import Item, Source
+from pipeline.inputs.sources import Item, Source
 
 EDM2, REPAE = "edm2", "repae"
 
@@ -48,7 +48,7 @@ class Pair:
 
 
 @dataclass(frozen=True)
-class ForeignImageSource(Source):
+class PreparedImageSource(Source):
     """Images of a foreign dataset as a preprocess source; ``item.path`` is the name in ``store``."""
 
     store: Store | None = field(default=None, compare=False)
@@ -57,7 +57,7 @@ class ForeignImageSource(Source):
         assert self.store is not None
         try:
             data = self.store.read(item.path)
-        except (OSError, ForeignFormatError) as e:
+        except (OSError, PreparedFormatError) as e:
             raise SkipImage(f"unreadable: {e}") from None
         size = image_size(data)
         if size is not None and size != (resolution, resolution):
@@ -67,9 +67,9 @@ class ForeignImageSource(Source):
 
 
 @dataclass(frozen=True)
-class ForeignDataset:
+class PreparedDataset:
     fmt: str                          # EDM2 | REPAE
-    source: ForeignImageSource        # items sorted by image name
+    source: PreparedImageSource        # items sorted by image name
     moments: Store
     moment_names: tuple[str, ...]     # aligned with source.items
     resolution: int                   # image side; moments are (8, resolution/8, resolution/8)
@@ -101,12 +101,12 @@ def find_edm2_parts(root: str | Path) -> tuple[Path, Path]:
         options = [root / part, root / f"{part}.zip"]
         hit = next((p for p in options if p.exists()), None)
         if hit is None:
-            raise ForeignFormatError(f"{root}: neither {part}/ nor {part}.zip found (edm2 layout, SPEC §4)")
+            raise PreparedFormatError(f"{root}: neither {part}/ nor {part}.zip found (edm2 layout, SPEC §4)")
         found.append(hit)
     return found[0], found[1]
 
 
-def open_edm2(images: str | Path, moments: str | Path) -> ForeignDataset:
+def open_edm2(images: str | Path, moments: str | Path) -> PreparedDataset:
     """An edm2/REPA/HASTE dataset: ``images`` and ``moments`` are folders or zips with dataset.json."""
     img_store, mom_store = open_store(images), open_store(moments)
     img_labels, mom_labels = read_labels(img_store), read_labels(mom_store)
@@ -121,19 +121,19 @@ def find_repae_latents(root: str | Path, latents_name: str | None) -> str:
         return latents_name.removesuffix(".h5")
     names = sorted(p.stem for p in Path(root).glob("*.h5") if p.name != "images.h5")
     if len(names) != 1:
-        raise ForeignFormatError(f"{root}: found latents files {names or 'none'}; pass the latents name "
+        raise PreparedFormatError(f"{root}: found latents files {names or 'none'}; pass the latents name "
                                  "(the <name> of <name>.h5, REPA-E --vae-latents-name)")
     return names[0]
 
 
-def open_repae(root: str | Path, latents_name: str | None = None) -> ForeignDataset:
+def open_repae(root: str | Path, latents_name: str | None = None) -> PreparedDataset:
     """A REPA-E dataset dir: images.h5 + images_h5.json, <name>.h5 + <name>_h5.json."""
     root = Path(root)
     name = find_repae_latents(root, latents_name)
     paths = {"images": root / "images.h5", "moments": root / f"{name}.h5"}
     for part, path in paths.items():
         if not path.is_file():
-            raise ForeignFormatError(f"{path} not found (REPA-E {part} file)")
+            raise PreparedFormatError(f"{path} not found (REPA-E {part} file)")
     img_store, mom_store = H5Store(paths["images"]), H5Store(paths["moments"])
     problems: list[str] = []
     img_labels = _h5_listing(img_store, is_image_name, problems)
@@ -176,28 +176,28 @@ def pair_by_name(images: dict[str, int], moments: dict[str, int], image_ok: Call
                  if m not in paired]
     raise_problems(problems, "pairing images with moments by name")
     if not pairs:
-        raise ForeignFormatError(f"no images listed in {what[0]}")
+        raise PreparedFormatError(f"no images listed in {what[0]}")
     return pairs
 
 
-def _assemble(fmt: str, images: Store, moments: Store, pairs: list[Pair], locations: dict[str, str]) -> ForeignDataset:
+def _assemble(fmt: str, images: Store, moments: Store, pairs: list[Pair], locations: dict[str, str]) -> PreparedDataset:
     first = pairs[0].image
     try:
         size = image_size(images.read(first))
     except OSError as e:
-        raise ForeignFormatError(f"cannot read {images.where(first)}: {e}") from None
+        raise PreparedFormatError(f"cannot read {images.where(first)}: {e}") from None
     if size is None or size[0] != size[1]:
-        raise ForeignFormatError(f"{images.where(first)}: expected a square image, found "
+        raise PreparedFormatError(f"{images.where(first)}: expected a square image, found "
                                  f"{'an undecodable file' if size is None else f'{size[0]}x{size[1]}'}")
     items = tuple(Item(key=sample_key(p.image), label=p.label, path=p.image) for p in pairs)
     seen: dict[str, str] = {}
     for it in items:
         if it.key in seen:  # a.png and a.jpg: one sample key
-            raise ForeignFormatError(f"{seen[it.key]!r} and {it.path!r} map to the same sample key {it.key!r}")
+            raise PreparedFormatError(f"{seen[it.key]!r} and {it.path!r} map to the same sample key {it.key!r}")
         seen[it.key] = it.path
-    source = ForeignImageSource(kind=fmt, location=locations["images"], classes=class_names(p.label for p in pairs),
+    source = PreparedImageSource(kind=fmt, location=locations["images"], classes=class_names(p.label for p in pairs),
                                 items=items, store=images)
-    ds = ForeignDataset(fmt, source, moments, tuple(p.moments for p in pairs), size[0], locations)
+    ds = PreparedDataset(fmt, source, moments, tuple(p.moments for p in pairs), size[0], locations)
     ds.close()
     return ds
 

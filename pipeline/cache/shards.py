@@ -17,7 +17,7 @@ from typing import Any
 
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.schema import CacheFormatError, ShardRecord
+from pipeline.cache.schema import CacheFormatError, ShardRecord
 
 
 def shard_name(index: int) -> str:

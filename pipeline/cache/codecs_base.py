@@ -1,8 +1,8 @@
 """The pieces every teacher codec shares: the codec record, its error type, and int8 rows.
 
-A leaf module (numpy + torch only), so that ``pipeline.codecs`` (the registry) and
-``pipeline.codecs_tokens`` can both build on it without importing each other at load time.
-``pipeline.codecs`` re-exports all of it; import from there.
+A leaf module (numpy + torch only), so that ``pipeline.cache.codecs`` (the registry) and
+``pipeline.cache.codecs_tokens`` can both build on it without importing each other at load time.
+``pipeline.cache.codecs`` re-exports all of it; import from there.
 
 int8 rows: one scale per row, s = max|row| / 127 rounded *up* to fp16, carried in the row's last
 two bytes (little-endian), so one member stays one tensor (layer selection, zero-copy stacking).
@@ -25,7 +25,7 @@ Member = tuple[str, tuple[int, ...]]  # (numpy dtype name, shape) of one stored 
 class CacheFormatError(ValueError):
     """A cached sample, manifest or codec name does not match the schema; the message says where.
 
-    Defined in this leaf module so that codecs can raise it; ``pipeline.schema`` re-exports it.
+    Defined in this leaf module so that codecs can raise it; ``pipeline.cache.schema`` re-exports it.
     """
 
 
@@ -135,7 +135,7 @@ class AttnCodec:
 
     ``params`` names arrays stored once per teacher group (not per sample; layer axis first too),
     which ``decode`` then needs as its third argument, on the decode device and with the same
-    layer selection as the members (``pipeline.cache`` loads and caches them).
+    layer selection as the members (``pipeline.cache.reader`` loads and caches them).
     """
 
     name: str

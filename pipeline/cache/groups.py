@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.schema import LATENTS, SCHEMA_VERSION, TEACHER, CacheFormatError, read_manifest
-from pipeline.shards import atomic_write_json
+from pipeline.cache.schema import LATENTS, SCHEMA_VERSION, TEACHER, CacheFormatError, read_manifest
+from pipeline.cache.shards import atomic_write_json
 
 INDEX = "index.json"
 

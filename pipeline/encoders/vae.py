@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from pipeline import weights
-from pipeline.schema import SD_VAE_SCALE
+from pipeline.cache.schema import SD_VAE_SCALE
+from pipeline.encoders import weights
 
 log = logging.getLogger(__name__)
 

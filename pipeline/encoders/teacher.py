@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import weights
+from pipeline.encoders import weights
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, precision: str = "fp32") -> TeacherOut:
-        from pipeline.vae import autocast
+        from pipeline.encoders.vae import autocast
 
         x = preprocess(images.to(self.device), self.input_size)
         self._qkv.clear()

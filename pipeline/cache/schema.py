@@ -16,7 +16,7 @@ keys in the same order), so a latents-only reader never streams teacher bytes:
 
 Arrays are ``.npy`` written with ``allow_pickle=False`` and read back the same way: a cache can
 never execute code. See README "Cache format" for the manifest layout. The codecs themselves
-(names, encode/decode, error bounds) live in ``pipeline.codecs`` and are re-exported here.
+(names, encode/decode, error bounds) live in ``pipeline.cache.codecs`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.codecs import (  # noqa: F401  (re-exported: the schema is the one import for readers)
+from pipeline.cache.codecs import (  # noqa: F401  (re-exported: the schema is the one import for readers)
     CODECS,
     FEAT_CODECS,
     AttnCodec,
@@ -76,7 +76,7 @@ class TeacherSpec:
     num_prefix_tokens: int          # cls + registers, removed before storing (from the model)
     scale: float                    # teacher attention scale (head_dim ** -0.5)
     feat_dtype: str = "float16"     # dtype the writer hands features over in; stored as is when "plain"
-    codec: str = "qk-fp16"          # attention codec (pipeline.codecs)
+    codec: str = "qk-fp16"          # attention codec (pipeline.cache.codecs)
     feat_codec: str = "plain"       # "plain" | "int8" (per-token scale in feat_scale.npy)
 
     @property

@@ -24,15 +24,15 @@ from conftest import tiny_preprocess_config
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.cache import Requirements, check_cache, index_shard, open_cache, read_sample
+from pipeline.cache.reader import Requirements, check_cache, index_shard, open_cache, read_sample
+from pipeline.cache.schema import LATENTS, TEACHER, decode_members
 from pipeline.configs import ConfigError
-from pipeline.foreign_datasets import open_repae
-from pipeline.foreign_formats import ForeignFormatError
-from pipeline.schema import LATENTS, TEACHER, decode_members
-from pipeline.teacher import load_teacher
-from stages import foreign
+from pipeline.encoders.teacher import load_teacher
+from pipeline.inputs.prepared import open_repae
+from pipeline.inputs.prepared_formats import PreparedFormatError
+from stages import import_export as foreign
 from stages.cli import main as cli
-from stages.foreign import ExportConfig, ImportConfig, run_export, run_import
+from stages.import_export import ExportConfig, ImportConfig, run_export, run_import
 
 RES, COUNT, CLASSES = 32, 10, 3
 VAE = "stabilityai/sd-vae-ft-ema"
@@ -290,7 +290,7 @@ def test_bad_moments_are_named(items, tmp_path):
     src = write_edm2(tmp_path / "data", items)
     (src / "vae-sd" / names(3)[1]).write_bytes(npy_bytes(items[3][2].astype(np.float16)))
     (src / "vae-sd" / names(7)[1]).write_bytes(npy_bytes(items[7][2][:4]))
-    with pytest.raises(ForeignFormatError) as e:
+    with pytest.raises(PreparedFormatError) as e:
         run_import(import_cfg(src, tmp_path / "cache"))
     msg = str(e.value)
     assert "2 problem(s)" in msg and "float16" in msg and "[4, 4, 4]" in msg
@@ -309,10 +309,10 @@ def test_missing_dataset_json_and_wrong_resolution(items, tmp_path):
     with pytest.raises(ConfigError, match="config field 'resolution'.*set resolution=32"):
         run_import(import_cfg(src, tmp_path / "cache", resolution=64))
     (src / "images" / "dataset.json").unlink()
-    with pytest.raises(ForeignFormatError, match=r"images/dataset\.json not found"):
+    with pytest.raises(PreparedFormatError, match=r"images/dataset\.json not found"):
         run_import(import_cfg(src, tmp_path / "cache"))
     shutil.rmtree(src / "vae-sd")
-    with pytest.raises(ForeignFormatError, match="neither vae-sd/ nor vae-sd.zip"):
+    with pytest.raises(PreparedFormatError, match="neither vae-sd/ nor vae-sd.zip"):
         run_import(import_cfg(src, tmp_path / "cache"))
 
 
@@ -370,10 +370,10 @@ def test_repae_missing_key_list_and_label(items, tmp_path):
         meta["labels"] = [e for e in meta["labels"] if e[0] != names(4)[1]]
         del f["dataset.json"]
         f.create_dataset("dataset.json", data=np.array(json.dumps(meta).encode(), dtype="S"))
-    with pytest.raises(ForeignFormatError, match=f"{names(4)[1]} is in the key list but has no label"):
+    with pytest.raises(PreparedFormatError, match=f"{names(4)[1]} is in the key list but has no label"):
         open_repae(src)
     (src / "sdvae_h5.json").unlink()
-    with pytest.raises(ForeignFormatError, match="sdvae_h5.json not found"):
+    with pytest.raises(PreparedFormatError, match="sdvae_h5.json not found"):
         open_repae(src)
     assert len(keys) == COUNT + 1
 

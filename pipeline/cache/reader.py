@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.groups import group_dir, read_index
-from pipeline.schema import (
+from pipeline.cache.groups import group_dir, read_index
+from pipeline.cache.schema import (
     LATENTS,
     TEACHER,
     CacheFormatError,

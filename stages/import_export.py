@@ -30,11 +30,16 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline import configs, dist, groups, weights
-from pipeline.cache import index_shard, open_cache, read_sample
+from pipeline import configs, dist
+from pipeline.cache import groups
+from pipeline.cache.reader import index_shard, open_cache, read_sample
+from pipeline.cache.schema import LATENTS, SD_VAE_SCALE, TEACHER, LatentSpec, decode_members
+from pipeline.cache.shards import atomic_write_bytes, atomic_write_json, remove_stale_temps
 from pipeline.configs import ConfigError, check
-from pipeline.foreign_datasets import EDM2, REPAE, ForeignDataset, find_edm2_parts, open_edm2, open_repae
-from pipeline.foreign_formats import (
+from pipeline.encoders import weights
+from pipeline.encoders.vae import RANDOM_PRESETS as VAE_PRESETS
+from pipeline.inputs.prepared import EDM2, REPAE, PreparedDataset, find_edm2_parts, open_edm2, open_repae
+from pipeline.inputs.prepared_formats import (
     check_moments_item,
     edm2_moments_name,
     labels_json,
@@ -43,9 +48,6 @@ from pipeline.foreign_formats import (
     read_moments,
     write_file,
 )
-from pipeline.schema import LATENTS, SD_VAE_SCALE, TEACHER, LatentSpec, decode_members
-from pipeline.shards import atomic_write_bytes, atomic_write_json, remove_stale_temps
-from pipeline.vae import RANDOM_PRESETS as VAE_PRESETS
 from stages.preprocess import (
     GroupPlan,
     PreprocessConfig,
@@ -136,14 +138,14 @@ class ExportConfig:
 # Import
 # ----------------------------------------------------------------------------------------------
 
-def open_dataset(cfg: ImportConfig) -> ForeignDataset:
+def open_dataset(cfg: ImportConfig) -> PreparedDataset:
     if cfg.fmt == REPAE:
         return open_repae(cfg.src, cfg.latents_name or None)
     images, moments = (cfg.images, cfg.moments) if cfg.images and cfg.moments else find_edm2_parts(cfg.src)
     return open_edm2(cfg.images or images, cfg.moments or moments)
 
 
-def latents_plan(cfg: ImportConfig, ds: ForeignDataset) -> GroupPlan:
+def latents_plan(cfg: ImportConfig, ds: PreparedDataset) -> GroupPlan:
     p = cfg.preprocess
     spec = LatentSpec(channels=4, size=ds.resolution // 8, dtype=p.latent_dtype, scale=vae_scale(cfg.vae))
     # known hub ids are recorded by name only: the VAE is never loaded, so its revision is not resolved
@@ -191,7 +193,7 @@ def run_import(cfg: ImportConfig, dry_run: bool = False) -> dict:
     return {"status": "built", "groups": {g.kind: str(g.dir) for g in plans}, "samples": len(ds.source.items)}
 
 
-def check_all_moments(ds: ForeignDataset, d: dist.DistInfo) -> None:
+def check_all_moments(ds: PreparedDataset, d: dist.DistInfo) -> None:
     """Every moments item's header (shape, dtype) before any compute: one error names the bad files."""
     names = ds.moment_names[d.rank::d.world_size]
     problems = [msg for n in tqdm(names, unit="file", desc="check moments", disable=not d.is_main)
@@ -201,7 +203,7 @@ def check_all_moments(ds: ForeignDataset, d: dist.DistInfo) -> None:
     raise_problems(sorted(problems), "checking the imported moments")
 
 
-def _finish(cfg: ImportConfig, ds: ForeignDataset, plans: list[GroupPlan], pending: list[GroupPlan],
+def _finish(cfg: ImportConfig, ds: PreparedDataset, plans: list[GroupPlan], pending: list[GroupPlan],
             num_shards: int) -> None:
     lat, tea = plans[0], (plans[1] if len(plans) > 1 else None)
     imported = {"imported_from": {**ds.identity(), **ds.locations, "vae": cfg.vae, "vae_run": False},
@@ -222,7 +224,7 @@ def _finish(cfg: ImportConfig, ds: ForeignDataset, plans: list[GroupPlan], pendi
 class _MomentShards(Dataset):
     """Item i = one whole shard: (shard, keys, labels, float32 moments (n, 8, h, w)), read in a worker."""
 
-    def __init__(self, ds: ForeignDataset, shard_size: int, shards: list[int], skipped: dict[int, tuple]):
+    def __init__(self, ds: PreparedDataset, shard_size: int, shards: list[int], skipped: dict[int, tuple]):
         self.ds, self.shard_size, self.shards, self.skipped = ds, shard_size, shards, skipped
 
     def __len__(self) -> int:
@@ -243,7 +245,7 @@ def _as_is(x):
     return x
 
 
-def write_latent_shards(cfg: ImportConfig, d: dist.DistInfo, ds: ForeignDataset, plan: GroupPlan,
+def write_latent_shards(cfg: ImportConfig, d: dist.DistInfo, ds: PreparedDataset, plan: GroupPlan,
                         teacher: GroupPlan | None, num_shards: int) -> None:
     """This rank's missing latents shards (every world_size-th), keys aligned with the teacher group."""
     p = cfg.preprocess

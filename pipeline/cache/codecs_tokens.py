@@ -5,7 +5,7 @@ q and k of a patch token are a per-token affine map of that token's qkv input al
 the patch tokens' qkv inputs x (L, T, D) and the teacher group stores the frozen projections
 once, in ``codec/qk_weight.npy`` (L, 2, H, hd, D) float32 and ``codec/qk_bias.npy`` (L, 2, H, hd)
 (index 0 = q, 1 = k; head-split, so ``q[h] = x W[l, 0, h]ᵀ + b[l, 0, h]``). int8 x is one row per
-(layer, token) with its fp16 scale s packed in (``pipeline.codecs_base``): L·T·(D + 2) bytes,
+(layer, token) with its fp16 scale s packed in (``pipeline.cache.codecs_base``): L·T·(D + 2) bytes,
 788 KB for DINOv2-B's 4 layers at 256 px, about half of qk-int8, and no SVD at write time.
 
 Fixed basis: the tokens are stored as x R and the projections as W R, with R one fixed D×D
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.codecs_base import (
+from pipeline.cache.codecs_base import (
     PRECISIONS,
     AttnCodec,
     CacheFormatError,
@@ -113,7 +113,7 @@ def tokens_codec(prec: str, fixed_basis: bool = True) -> AttnCodec:
                params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         if params is None or QK_WEIGHT not in params or QK_BIAS not in params:
             raise CacheFormatError(f"attention codec 'tokens-{prec}' decodes with the teacher group's "
-                                   f"{QK_WEIGHT}/{QK_BIAS} files: decode through pipeline.cache (Cache.teacher_logits)")
+                                   f"{QK_WEIGHT}/{QK_BIAS} files: decode through pipeline.cache.reader (Cache.teacher_logits)")
         q, k = qk_from_tokens(load(arrays["x"], prec), params[QK_WEIGHT], params[QK_BIAS])
         k = k - k.mean(dim=-2, keepdim=True)  # a row constant for the softmax; keeps fp32/TF32 products small
         return (q * scale) @ k.transpose(-1, -2)

@@ -14,7 +14,7 @@ bound that ``tests/test_codecs.py`` and ``tests/test_codecs_tokens.py`` check an
   tokens-<p>           the patch tokens' qkv inputs x (L, T, D) in a fixed orthogonal basis, p ∈ {fp16,
                        fp32, int8}, + the q/k projections once per teacher group (<group>/codec/*.npy);
                        q, k = x Wᵀ + b at decode. int8: one scale s per (layer, token) row,
-                       |Δq_d| ≤ s/2·‖W_d‖₁, logit bound in ``pipeline.codecs_tokens``
+                       |Δq_d| ≤ s/2·‖W_d‖₁, logit bound in ``pipeline.cache.codecs_tokens``
 
 Default (``PreprocessConfig.codec``, the ImageNet configs): the smallest codec whose worst case over
 the teacher sharpness sweep x1/x5/x20 AND the flat-spectrum stress keeps the ATTA gradient cosine
@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.codecs_base import (  # noqa: F401  (re-exported: import codec pieces from here)
+from pipeline.cache.codecs_base import (  # noqa: F401  (re-exported: import codec pieces from here)
     PRECISIONS,
     AttnCodec,
     CacheFormatError,
@@ -62,10 +62,10 @@ from pipeline.codecs_base import (  # noqa: F401  (re-exported: import codec pie
     unpack_int8,
     unpack_int8_np,
 )
-from pipeline.codecs_base import load as _load
-from pipeline.codecs_base import row_dims as _row_dims
-from pipeline.codecs_base import store as _store
-from pipeline.codecs_tokens import tokens_codec
+from pipeline.cache.codecs_base import load as _load
+from pipeline.cache.codecs_base import row_dims as _row_dims
+from pipeline.cache.codecs_base import store as _store
+from pipeline.cache.codecs_tokens import tokens_codec
 
 _PRECISIONS = PRECISIONS
 _ALL = ("fp16", "fp32", "int8")

@@ -1,4 +1,4 @@
-"""``haste import edm2|repae`` and ``haste export edm2``: thin click commands over ``stages.foreign``.
+"""``haste import edm2|repae`` and ``haste export edm2``: thin click commands over ``stages.import_export``.
 
     haste import edm2 data/ --vae stabilityai/sd-vae-ft-ema --config C --set out=cache
     haste import repae data/ --vae stabilityai/sd-vae-ft-ema --latents-name sdvae --set out=cache
@@ -15,10 +15,10 @@ import os
 
 import click
 
+from pipeline import dist
+from stages.cli_common import config_option, run_guarded, set_option
 
-# The two groups are defined before importing stages.cli: under `python -m stages.cli` that import
-# runs stages/cli.py a second time, whose last lines import these names from this (still loading)
-# module. Defining them first keeps that circular import working.
+
 @click.group("import")
 def import_() -> None:
     """Bring a dataset preprocessed by another codebase into the cache (rerun to resume)."""
@@ -29,9 +29,6 @@ def export() -> None:
     """Write a cache group in another codebase's layout."""
 
 
-from pipeline import dist  # noqa: E402
-from stages.cli import config_option, run_guarded, set_option  # noqa: E402
-
 vae_option = click.option("--vae", default="", metavar="NAME",
                           help="VAE the moments were encoded with (e.g. stabilityai/sd-vae-ft-ema); required.")
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan (groups, sizes) and exit.")
@@ -39,7 +36,7 @@ dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan (g
 
 def _run_import(fmt: str, src: str, vae: str, config_path: str | None, overrides: tuple[str, ...],
                 dry_run: bool, **paths: str) -> None:
-    from stages.foreign import load_import_config, run_import
+    from stages.import_export import load_import_config, run_import
 
     cfg = run_guarded(load_import_config, fmt, src, vae, config_path, overrides, **paths)
     result = run_guarded(run_import, cfg, dry_run=dry_run)
@@ -81,7 +78,7 @@ def import_repae(src: str, vae: str, latents_name: str, config_path: str | None,
 @click.option("--latents", default="", help="latents group key (default: the newest run's).")
 def export_edm2(cache: str, out: str, latents: str) -> None:
     """Write a latents group as OUT/vae-sd/ (fp32 img-mean-std-*.npy + dataset.json, edm2 encode's layout)."""
-    from stages.foreign import ExportConfig, run_export
+    from stages.import_export import ExportConfig, run_export
 
     cfg = run_guarded(ExportConfig, cache=cache, out=out, latents=latents)
     click.echo(json.dumps(run_guarded(run_export, cfg), indent=2))

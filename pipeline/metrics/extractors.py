@@ -1,6 +1,6 @@
 """What goes into the metrics: feature extractors, their weights, samples and reference batches.
 
-Built on torch-fidelity 0.4 (SPEC §10-11); ``pipeline.metrics`` computes the numbers. This module owns:
+Built on torch-fidelity 0.4 (SPEC §10-11); ``pipeline.metrics.scores`` computes the numbers. This module owns:
   * ``RandomInitConvNet``: a labelled, seeded random-init extractor registered with torch-fidelity
     under ``RANDOM_EXTRACTOR``. It exposes the feature names of ``inception-v3-compat`` so every code
     path is the same, works offline and is cheap on CPU. Its numbers are NOT comparable to anything

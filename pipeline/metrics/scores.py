@@ -40,8 +40,9 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import cache_lookup_group_recompute_all_on_any_miss
 
+from pipeline.cache.shards import file_sha256
 from pipeline.configs import check
-from pipeline.extractors import (
+from pipeline.metrics.extractors import (
     DINOV2,
     INCEPTION,
     INCEPTION_WEIGHTS_FILE,
@@ -57,7 +58,6 @@ from pipeline.extractors import (
     inception_weights_path,
     load_reference,
 )
-from pipeline.shards import file_sha256
 
 __all__ = ["MetricsConfig", "MetricsError", "Reference", "compute_metrics", "feature_stats",
            "frechet_distance", "load_reference", "summary_line"]

@@ -1,0 +1,9 @@
+"""What preprocessing reads, up to "a uint8 (R, R, 3) image with a key and a label".
+
+    sources         ``open_source``: image folder trees, WebDataset tars, ``synthetic:<n>``
+    images          listing, robust decoding, the ADM center crop
+    synth           the deterministic synthetic dataset (``haste synth``)
+    prepared        datasets other codebases already preprocessed (edm2/REPA/HASTE, REPA-E),
+                    images paired with their VAE moments by name
+    prepared_formats  their stores (folder | zip | HDF5), dataset.json, moments files
+"""
