@@ -276,6 +276,7 @@ def test_paper_preset_keys_shapes_and_size():
     assert count_params(model, exclude_projector=False) == 512_415_504
 
 
+@pytest.mark.slow
 def test_preset_shapes():
     """Every preset's size by the layer arithmetic; a meta-device forward (no memory, no math) for three."""
     assert len(MMDIT_PRESETS) == 15
