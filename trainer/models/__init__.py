@@ -1,4 +1,7 @@
 """The networks, one file each, DiT-style, with the official state-dict keys.
 
-    sit             SiT (class-conditional): ``SiT``, ``ModelConfig``, ``SIT_PRESETS``
+    sit             SiT (class-conditional): ``SiT``, ``ModelConfig``, ``SIT_PRESETS``, ``ModelOut``
+                    and the helpers both networks share (embedders, sin-cos table, projector)
+    mmdit           MM-DiT (text-conditional, SD3 joint attention): ``MMDiT``, ``MMDiTConfig``,
+                    ``MMDIT_PRESETS``, ``official_mmdit_config`` (an official T2I checkpoint's args)
 """

@@ -3,6 +3,7 @@
 Owns the network only: `ModelConfig` and the `SIT_PRESETS`, the `SiT` module and its weight init.
 Losses, the interpolant and the loop live elsewhere; they ask for intermediate outputs explicitly
 through `SiT.forward(x, t, y, attn_blocks=..., feature_block=...)`, which returns a `ModelOut`.
+The config base, embedders, sin-cos table, projector, final layer and checks also build mmdit.py.
 
 Follows HASTE/REPA `models/sit.py` (SPEC §1). State-dict keys are identical to the official
 checkpoints (SPEC §1.8). Deliberate differences (SPEC §7):
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +33,46 @@ from torch import Tensor
 # Config
 
 
+class TransformerShape:
+    """Base of SiT's and MM-DiT's configs: the checks every such net needs and its derived sizes."""
+
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+    input_size: int
+
+    def check(self, more_ints: tuple[str, ...], more_rules: list[tuple[str, bool, str]]) -> None:
+        """One ValueError naming `<Class>.<field>`: ints >= 1 (z_dim >= 0), shape rules, `more_rules`."""
+        kind = type(self).__name__
+        for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels",
+                     *more_ints, "projector_dim", "z_dim"):
+            value, low = getattr(self, name), 0 if name == "z_dim" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{kind}.{name} must be an int >= {low}, got {value!r}")
+        rules = [
+            ("hidden_size", self.hidden_size % self.num_heads == 0, f"divisible by num_heads={self.num_heads}"),
+            # The 2-D sin-cos pos_embed splits D into four equal sin/cos bands.
+            ("hidden_size", self.hidden_size % 4 == 0, "divisible by 4"),
+            ("input_size", self.input_size % self.patch_size == 0, f"divisible by patch_size={self.patch_size}"),
+            ("mlp_ratio", self.mlp_ratio > 0 and int(self.hidden_size * self.mlp_ratio) >= 1, "> 0"),
+            *more_rules,
+        ]
+        for name, ok, rule in rules:
+            if not ok:
+                raise ValueError(f"{kind}.{name} must be {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def num_tokens(self) -> int:
+        """Image tokens: (input_size / patch_size)²."""
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(TransformerShape):
     """Architecture of one SiT. Defaults are SiT-XL/2 at 256 px (32×32×4 SD-VAE latents)."""
 
     depth: int = 28
@@ -49,31 +89,9 @@ class ModelConfig:
     z_dim: int = 768  # teacher feature dim (DINOv2-B); 0 = build no projector
 
     def __post_init__(self) -> None:
-        for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels",
-                     "num_classes", "projector_dim", "z_dim"):
-            value, low = getattr(self, name), 0 if name == "z_dim" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"ModelConfig.{name} must be an int >= {low}, got {value!r}")
-        rules = [
-            ("hidden_size", self.hidden_size % self.num_heads == 0, f"divisible by num_heads={self.num_heads}"),
-            # The 2-D sin-cos pos_embed splits D into four equal sin/cos bands.
-            ("hidden_size", self.hidden_size % 4 == 0, "divisible by 4"),
-            ("input_size", self.input_size % self.patch_size == 0, f"divisible by patch_size={self.patch_size}"),
-            ("mlp_ratio", self.mlp_ratio > 0 and int(self.hidden_size * self.mlp_ratio) >= 1, "> 0"),
+        self.check(("num_classes",), [
             ("class_dropout_prob", 0.0 <= self.class_dropout_prob <= 1.0, "in [0, 1]"),
-        ]
-        for name, ok, rule in rules:
-            if not ok:
-                raise ValueError(f"ModelConfig.{name} must be {rule}, got {getattr(self, name)!r}")
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
+        ])
 
 @dataclass
 class ModelOut:
@@ -98,6 +116,33 @@ def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential
         nn.Linear(projector_dim, projector_dim), nn.SiLU(),
         nn.Linear(projector_dim, z_dim),
     )
+
+
+def unpatchify(x: Tensor, patch_size: int, channels: int) -> Tensor:
+    """(N, T, p·p·C) -> (N, C, H, W), the inverse of the patch embedding's row-major token order."""
+    p, C = patch_size, channels
+    g = math.isqrt(x.shape[1])
+    x = x.reshape(x.shape[0], g, g, p, p, C)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], C, g * p, g * p)
+
+
+def check_request(cfg: Any, x: Tensor, attn_blocks: Collection[int], feature_block: int | None, *,
+                  has_projector: bool) -> frozenset[int]:
+    """Validate a forward's input shape and taps (cfg: depth, in_channels, input_size); the tapped set."""
+    expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if tuple(x.shape[1:]) != expected:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected (N, {', '.join(map(str, expected))})")
+    tapped = frozenset(attn_blocks)  # once: attn_blocks may be a one-shot iterator
+    for i in tapped:
+        if i not in range(cfg.depth):
+            raise ValueError(f"attn_blocks: block index {i!r} is out of range for depth {cfg.depth} (0-based)")
+    if feature_block is not None:
+        if feature_block not in range(cfg.depth):
+            raise ValueError(f"feature_block {feature_block!r} is out of range for depth {cfg.depth} (0-based)")
+        if not has_projector:
+            raise ValueError(f"feature_block={feature_block} needs a projector, but cfg.z_dim == 0")
+    return tapped
 
 
 def _gelu_tanh() -> nn.Module:
@@ -298,14 +343,6 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def unpatchify(self, x: Tensor) -> Tensor:
-        """(N, T, p·p·C) -> (N, C, H, W), the inverse of the patch embedding's token order."""
-        p, C = self.cfg.patch_size, self.cfg.in_channels
-        g = self.cfg.input_size // p
-        x = x.reshape(x.shape[0], g, g, p, p, C)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], C, g * p, g * p)
-
     def forward(
         self,
         x: Tensor,
@@ -321,7 +358,7 @@ class SiT(nn.Module):
         feature_block: 0-based block whose output goes through projectors[0] (official
         encoder_depth=8 <=> feature_block=7). All blocks always run.
         """
-        tapped = self._check_request(x, attn_blocks, feature_block)
+        tapped = check_request(self.cfg, x, attn_blocks, feature_block, has_projector=len(self.projectors) > 0)
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         attn_logits: dict[int, Tensor] = {}
@@ -333,23 +370,8 @@ class SiT(nn.Module):
             if i == feature_block:
                 features = self.projectors[0](h)  # (N, T, z_dim)
         out = self.final_layer(h, c)  # (N, T, p*p*C)
-        return ModelOut(out=self.unpatchify(out), attn_logits=attn_logits, features=features)
-
-    def _check_request(self, x: Tensor, attn_blocks: Collection[int], feature_block: int | None) -> frozenset[int]:
-        cfg = self.cfg
-        expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
-        if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x has shape {tuple(x.shape)}, expected (N, {', '.join(map(str, expected))})")
-        tapped = frozenset(attn_blocks)  # once: attn_blocks may be a one-shot iterator
-        for i in tapped:
-            if i not in range(cfg.depth):
-                raise ValueError(f"attn_blocks: block index {i!r} is out of range for depth {cfg.depth} (0-based)")
-        if feature_block is not None:
-            if feature_block not in range(cfg.depth):
-                raise ValueError(f"feature_block {feature_block!r} is out of range for depth {cfg.depth} (0-based)")
-            if len(self.projectors) == 0:
-                raise ValueError(f"feature_block={feature_block} needs a projector, but cfg.z_dim == 0")
-        return tapped
+        out = unpatchify(out, self.cfg.patch_size, self.cfg.in_channels)  # (N, C, H, W)
+        return ModelOut(out=out, attn_logits=attn_logits, features=features)
 
     def drop_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Replace each label by the null class with probability cfg.class_dropout_prob (CFG training).
