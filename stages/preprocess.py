@@ -262,20 +262,20 @@ def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
     num_shards = math.ceil(len(source.items) / cfg.shard_size)
     pending = [p for p in plans if not groups.is_complete(p.dir)]
     if not pending:
-        log.info("cache is complete, nothing to do: %s", ", ".join(str(p.dir) for p in plans))
-        return {"status": "up-to-date", "groups": {p.kind: str(p.dir) for p in plans}}
+        repaired = finish_complete(cfg, d, source, plans)
+        if not repaired:
+            log.info("cache is complete, nothing to do: %s", ", ".join(str(p.dir) for p in plans))
+        return {"status": "repaired" if repaired else "up-to-date", "groups": {p.kind: str(p.dir) for p in plans}}
     for p in plans:
         log.info("%s group %s (%s)", p.kind, p.dir, "complete, reused" if p not in pending else "to build")
     check_weights(cfg, pending)
-    prepare_dirs(d, pending)
+    prepare_dirs(d, pending, Path(cfg.out), plans)
     encode_shards(cfg, d, source, pending, num_shards)
     dist.barrier()
     manifests: list[GroupManifest] = []
     if d.is_main:
         manifests = write_manifests(cfg, source, pending, model_identities(pending), num_shards)
-        keys = {p.kind: p.key for p in plans}
-        groups.update_index(Path(cfg.out), keys[LATENTS], keys.get(TEACHER),
-                            {"source": source.location, "resolution": cfg.resolution})
+        record_in_index(cfg, source, plans)
     dist.barrier()
     return {"status": "built", "groups": {p.kind: str(p.dir) for p in plans},
             "samples": {m.kind: m.num_samples for m in manifests}}
@@ -289,15 +289,46 @@ def check_weights(cfg: PreprocessConfig, plans: list[GroupPlan]) -> None:
             weights.require_hub(name.removeprefix("hf-hub:"), what)
 
 
-def prepare_dirs(d: dist.DistInfo, plans: list[GroupPlan]) -> None:
-    """Create the pending groups' directories; rank 0 removes temp files a killed run left there."""
-    _make_dirs(plans)
+def record_in_index(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan]) -> None:
+    keys = {p.kind: p.key for p in plans}
+    groups.update_index(Path(cfg.out), keys[LATENTS], keys.get(TEACHER),
+                        {"source": source.location, "resolution": cfg.resolution})
+
+
+def finish_complete(cfg: PreprocessConfig, d: dist.DistInfo, source: Source, plans: list[GroupPlan]) -> list[str]:
+    """Every group is complete: repair what a run killed after its manifests left undone (rank 0).
+
+    A kill around the index.json write leaves complete groups that index.json does not record (so
+    no reader finds them) and temp files; return what was repaired (empty when nothing was).
+    """
+    if not d.is_main:
+        return []
+    repaired = [str(p) for p in remove_temps(Path(cfg.out), plans)]
+    keys = {p.kind: p.key for p in plans}
+    if not groups.is_indexed(Path(cfg.out), keys[LATENTS], keys.get(TEACHER)):
+        record_in_index(cfg, source, plans)
+        log.info("the groups were complete but not recorded in %s (an earlier run stopped before writing it): "
+                 "recorded them", Path(cfg.out) / groups.INDEX)
+        repaired.append(str(Path(cfg.out) / groups.INDEX))
+    return repaired
+
+
+def remove_temps(root: Path, plans: list[GroupPlan]) -> list[Path]:
+    """Remove the temp files a killed run left in the cache root and in the plans' group directories."""
+    removed = groups.remove_index_temps(root)
+    for p in plans:
+        for folder in (p.dir, p.dir / "progress", p.dir / CODEC_DIR):
+            removed += remove_stale_temps(folder) if folder.is_dir() else []
+    for stale in removed:
+        log.info("removed %s left by an interrupted run", stale)
+    return removed
+
+
+def prepare_dirs(d: dist.DistInfo, pending: list[GroupPlan], root: Path, plans: list[GroupPlan]) -> None:
+    """Create the pending groups' directories; rank 0 removes the temp files a killed run left."""
+    _make_dirs(pending)
     if d.is_main:  # before any rank writes: a temp file from a killed run must not outlive the rerun
-        for p in plans:
-            codec_dir = p.dir / CODEC_DIR
-            temps = remove_stale_temps(p.dir) + remove_stale_temps(p.dir / "progress")
-            for stale in temps + (remove_stale_temps(codec_dir) if codec_dir.is_dir() else []):
-                log.info("removed %s left by an interrupted run", stale)
+        remove_temps(root, plans)
     dist.barrier()
 
 

@@ -38,9 +38,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def remove_stale_temps(directory: Path) -> list[Path]:
-    """Delete the ``.<name>.tmp<pid>`` files a killed run left in ``directory`` (not recursive)."""
-    stale = sorted(p for p in Path(directory).glob(".*.tmp*") if p.is_file())
+def remove_stale_temps(directory: Path, name: str = "*") -> list[Path]:
+    """Delete the ``.<name>.tmp<pid>`` files a killed run left in ``directory`` (not recursive);
+    ``name`` narrows it to one file's temps (a cache root may be a folder shared with other files)."""
+    stale = sorted(p for p in Path(directory).glob(f".{name}.tmp*") if p.is_file())
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -84,21 +85,32 @@ class ShardWriter:
         self.keys.append(key)
 
     def commit(self, skipped: tuple[tuple[str, str], ...] = ()) -> ShardRecord:
-        self._write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self._write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:  # disk full at the end: the caller has already let go of this writer
+            self.abort()
+            raise
         return ShardRecord(index=self.index, name=self.path.name, count=len(self.keys), bytes=self._nbytes,
                            sha256=self._sha.hexdigest(), first_key=self.keys[0] if self.keys else None,
                            last_key=self.keys[-1] if self.keys else None, skipped=skipped)
 
     def abort(self) -> None:
-        """Drop the partial file; never raises (it runs while another error propagates)."""
+        """Drop the partial file; never raises (it runs while another error propagates, and every
+        other writer must still be aborted after it). Closing flushes buffered bytes, which fails
+        again on a full disk: that error is the one already propagating, so it is dropped here."""
         try:
             self._raw.close()
+        except OSError:
+            pass
         finally:
-            self.tmp.unlink(missing_ok=True)
+            try:
+                self.tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def file_sha256(path: Path) -> str:
