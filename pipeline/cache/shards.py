@@ -17,7 +17,7 @@ from typing import Any
 
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.cache.schema import CacheFormatError, ShardRecord
+from pipeline.cache.schema import CacheFormatError, ShardRecord, unsafe_key_reason
 
 
 def shard_name(index: int) -> str:
@@ -74,6 +74,8 @@ class ShardWriter:
         self._raw.write(data)
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
+        if (why := unsafe_key_reason(key)) is not None:  # sources refuse such keys; this is the last line
+            raise CacheFormatError(f"refusing sample key {key!r} in {self.path}: {why}")
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444
