@@ -127,12 +127,15 @@ def cache_info(path: str, as_json: bool) -> None:
               help="Also measure the teacher codec against an exact teacher on --samples images "
                    "(KL, loss error, gradient cosine at sharpness x1/x5/x20; feature cosine error); "
                    "recorded in the teacher manifest.")
-def cache_verify(path: str, samples: int, no_models: bool, fidelity: bool) -> None:
-    """sha256 of every shard, decode of samples, fresh-teacher comparison, codec fidelity."""
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of the summary.")
+def cache_verify(path: str, samples: int, no_models: bool, fidelity: bool, as_json: bool) -> None:
+    """sha256, sample count and keys of every shard, index.json runs, decode of samples,
+    fresh-model comparison, codec fidelity. A bar over the bytes hashed (on a terminal), then a summary."""
+    from stages.cache_checks import format_verify
     from stages.cache_tools import verify
 
-    report = run_guarded(verify, path, samples=samples, with_models=not no_models, fidelity=fidelity)
-    click.echo(json.dumps(report, indent=2))
+    report = run_guarded(verify, path, samples=samples, with_models=not no_models, fidelity=fidelity, progress=None)
+    click.echo(json.dumps(report, indent=2) if as_json else format_verify(report))
     if not report["ok"]:
         raise ActionableError("cache verification FAILED (see the report above)")
 
