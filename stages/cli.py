@@ -17,8 +17,10 @@ import click
 from pipeline import configs, dist
 from stages.cli_common import (
     ActionableError,
+    HasteGroup,
     config_option,
     dry_run_option,
+    load_config_guarded,
     run_guarded,
     run_stage,
     set_option,
@@ -29,7 +31,28 @@ from stages.import_export_cli import export, import_
 log = logging.getLogger("haste")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pipeline.cache.groups import git_sha
+
+    def pkg(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    click.echo(f"haste {pkg('haste-pipeline')} (git {git_sha()}), torch {pkg('torch')}, "
+               f"python {platform.python_version()}")
+    ctx.exit()
+
+
+@click.group(cls=HasteGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the package version, git commit, torch and python versions, then exit.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """HASTE pipeline: preprocess -> train -> eval, with a cached DINOv2 teacher."""
@@ -44,7 +67,7 @@ def preprocess(config_path: str | None, overrides: tuple[str, ...], dry_run: boo
     """Encode images into SD-VAE moments + DINOv2 targets (rerun to resume)."""
     from stages.preprocess import PreprocessConfig, run
 
-    cfg = run_guarded(configs.load, PreprocessConfig, config_path, overrides, section="preprocess")
+    cfg = load_config_guarded(configs.load, PreprocessConfig, config_path, overrides, section="preprocess")
     result = run_guarded(run, cfg, dry_run=dry_run)
     dist.shutdown()
     if dry_run or int(os.environ.get("RANK", "0")) == 0:

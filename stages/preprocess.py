@@ -145,6 +145,11 @@ def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
     with torch.device("meta"):
         model = timm.create_model(cfg.teacher_arch, pretrained=False,
                                   img_size=teacher_input_size(cfg.resolution), **preset)
+    depth = len(model.blocks)
+    bad = [layer for layer in cfg.teacher_layers if layer >= depth]
+    if bad:  # before Teacher() below, whose range error would read as the codec's
+        raise ConfigError(f"config field 'teacher_layers': layers {bad} out of range: teacher_arch "
+                          f"{cfg.teacher_arch!r} has {depth} blocks (0..{depth - 1})")
     try:  # capturing what the codec encodes checks that the architecture suits it (tokens-*: linear q, k)
         t = Teacher(model, cfg.teacher_layers, cfg.resolution, capture=get_codec(cfg.codec).inputs)
     except ValueError as e:
