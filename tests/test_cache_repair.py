@@ -124,7 +124,7 @@ def test_full_disk_leaves_no_temp_files_and_rerun_finishes(demo_cache, tmp_path,
     monkeypatch.setattr(shards.ShardWriter, "__init__", init)
     with pytest.raises(OSError) as e:
         run(tiny_preprocess_config(out))
-    assert e.value.errno == errno.ENOSPC
+    assert e.value.errno == errno.ENOSPC and "teacher" in str(e.value) and "shard-000000.tar" in str(e.value)
     assert temp_files(out) == []
     monkeypatch.setattr(shards.ShardWriter, "__init__", original)
     assert run(tiny_preprocess_config(out))["status"] == "built"

@@ -71,7 +71,10 @@ class ShardWriter:
     def _write(self, data: bytes) -> None:
         self._sha.update(data)
         self._nbytes += len(data)
-        self._raw.write(data)
+        try:
+            self._raw.write(data)
+        except OSError as e:
+            raise _named(e, self.path) from None
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         if (why := unsafe_key_reason(key)) is not None:  # sources refuse such keys; this is the last line
@@ -93,8 +96,10 @@ class ShardWriter:
             os.fsync(self._raw.fileno())
             self._raw.close()
             os.replace(self.tmp, self.path)
-        except BaseException:  # disk full at the end: the caller has already let go of this writer
+        except BaseException as e:  # disk full at the end: the caller has already let go of this writer
             self.abort()
+            if isinstance(e, OSError):
+                raise _named(e, self.path) from None
             raise
         return ShardRecord(index=self.index, name=self.path.name, count=len(self.keys), bytes=self._nbytes,
                            sha256=self._sha.hexdigest(), first_key=self.keys[0] if self.keys else None,
@@ -113,6 +118,11 @@ class ShardWriter:
                 self.tmp.unlink(missing_ok=True)
             except OSError:
                 pass
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """A write error (ENOSPC carries no file name) naming the shard it was writing."""
+    return e if e.filename is not None else OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def file_sha256(path: Path, progress: Callable[[int], object] | None = None) -> str:
