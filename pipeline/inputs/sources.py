@@ -99,12 +99,12 @@ def read_input(path: str, offset: int, size: int, max_bytes: int) -> bytes:
     except OSError as e:
         raise SkipImage(f"unreadable: {e.strerror or e}") from None
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-                    stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}.get(stat.S_IFMT(mode), "not a file")
+                    stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}.get(stat.S_IFMT(st.st_mode), "not a file")
             raise SkipImage(f"not a regular file ({kind})")
-        want = os.fstat(fd).st_size if size < 0 else size
+        want = st.st_size if size < 0 else size
         if want > max_bytes:
             raise SkipImage(f"file too large: {want} bytes > max_file_bytes={max_bytes}")
         try:
