@@ -1,6 +1,7 @@
 """``haste cache info`` and ``haste cache verify``: what a cache holds, and whether it is intact.
 
-verify checks every shard's sha256 against its manifest, decodes a spread of samples with the
+verify checks what training opens (``stages.cache_checks``: index.json runs, every shard's sha256,
+sample count and first/last key against its manifest), decodes a spread of samples with the
 schema (and the sha256 of a teacher group's codec files, tokens-*: its q/k projections), and, when
 the recorded models can be loaded, recomputes those samples from the source images with a fresh
 VAE/teacher forward and reports the max error of the cached values. With
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.cache import fidelity
 from pipeline.cache.codecs import row_centred
@@ -42,7 +44,8 @@ from pipeline.cache.schema import (
 )
 from pipeline.cache.shards import atomic_write_json, file_sha256
 from pipeline.encoders import weights
-from pipeline.inputs.sources import SourceError, open_source
+from pipeline.inputs.sources import DEFAULT_MAX_FILE_BYTES, SourceError, open_source
+from stages.cache_checks import indexed_groups, shard_errors
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +91,22 @@ def format_info(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def verify(path: str | Path, samples: int = 8, with_models: bool = True, fidelity: bool = False) -> dict[str, Any]:
-    """Shard hashes and sample decodes; with models, a fresh recompute; with ``fidelity``, the codec's
-    measured error on the teacher group (written into its manifest). Fidelity never fails a cache:
-    a lossy codec is a choice, not corruption; its verdict against the default bar is reported."""
+def verify(path: str | Path, samples: int = 8, with_models: bool = True, fidelity: bool = False,
+           progress: bool | None = False) -> dict[str, Any]:
+    """Index runs, shard hashes and counts, sample decodes; with models, a fresh recompute; with
+    ``fidelity``, the codec's measured error on the teacher group (written into its manifest).
+    Fidelity never fails a cache: a lossy codec is a choice, not corruption; its verdict against
+    the default bar is reported. ``progress``: a bar over the bytes hashed (None: when on a TTY)."""
     root = Path(path)
-    report: dict[str, Any] = {"root": str(root), "groups": {}, "ok": True}
-    for m in _groups(root):
-        g = _verify_group(root, m, samples)
+    manifests, index_report = indexed_groups(root)
+    report: dict[str, Any] = {"root": str(root), "groups": {}, "index": index_report, "ok": not index_report["errors"]}
+    bar = tqdm(total=sum(r.bytes for m in manifests for r in m.shards), unit="B", unit_scale=True,
+               unit_divisor=1024, desc="verify", leave=False, disable=None if progress is None else not progress)
+    with bar:
+        for m in manifests:
+            report["groups"][f"{m.kind}/{m.key}"] = _verify_group(root, m, samples, bar.update)
+    for m in manifests:
+        g = report["groups"][f"{m.kind}/{m.key}"]
         decoded = g.pop("_decoded")
         want_fid = fidelity and m.kind == TEACHER
         ref = _reference(m, decoded) if (with_models or want_fid) and decoded else None
@@ -104,21 +115,13 @@ def verify(path: str | Path, samples: int = 8, with_models: bool = True, fidelit
         if want_fid:
             g["fidelity"] = _fidelity(root, m, decoded, ref)
         g["ok"] = not g["errors"] and g.get("fresh", {}).get("ok", True)
-        report["groups"][f"{m.kind}/{m.key}"] = g
         report["ok"] &= g["ok"]
     return report
 
 
-def _verify_group(root: Path, m: GroupManifest, samples: int) -> dict[str, Any]:
+def _verify_group(root: Path, m: GroupManifest, samples: int, progress=None) -> dict[str, Any]:
     gdir = group_dir(root, m.kind, m.key)
-    errors: list[str] = []
-    for rec in m.shards:
-        p = gdir / rec.name
-        if not p.is_file():
-            errors.append(f"{p}: missing")
-        elif p.stat().st_size != rec.bytes or file_sha256(p) != rec.sha256:
-            errors.append(f"{p}: size/sha256 differ from the manifest (corrupt or replaced)")
-    errors += _codec_file_errors(gdir, m)
+    errors = shard_errors(root, m, progress) + _codec_file_errors(gdir, m)
     decoded: list[tuple[str, dict]] = []
     picks = _spread(m, samples)
     for shard, i in picks:
@@ -128,8 +131,8 @@ def _verify_group(root: Path, m: GroupManifest, samples: int) -> dict[str, Any]:
             decoded.append((entry[0], decode_members(m.kind, m.spec, read_sample(p, entry), where=f"{p}:{entry[0]}")))
         except (CacheFormatError, IndexError) as e:
             errors.append(str(e))
-    return {"shards": len(m.shards), "samples": m.num_samples, "decoded": len(decoded), "errors": errors,
-            "_decoded": decoded}
+    return {"shards": len(m.shards), "samples": m.num_samples, "bytes": sum(r.bytes for r in m.shards),
+            "decoded": len(decoded), "errors": errors, "_decoded": decoded}
 
 
 def _codec_file_errors(gdir: Path, m: GroupManifest) -> list[str]:
@@ -172,7 +175,8 @@ def _reference(m: GroupManifest, decoded: list[tuple[str, dict]]) -> _Reference 
     try:
         src_id = m.identity["source"]
         source = open_source(m.source["location"], synthetic_classes=src_id["num_classes"],
-                             synthetic_seed=src_id.get("seed", 0))
+                             synthetic_seed=src_id.get("seed", 0),
+                             max_file_bytes=m.settings["transform"].get("max_file_bytes", DEFAULT_MAX_FILE_BYTES))
         if source.identity()["listing_sha256"] != src_id["listing_sha256"]:
             return "the source on disk differs from the one cached"
         model = _load_model(m)

@@ -17,8 +17,10 @@ import click
 from pipeline import configs, dist
 from stages.cli_common import (
     ActionableError,
+    HasteGroup,
     config_option,
     dry_run_option,
+    load_config_guarded,
     run_guarded,
     run_stage,
     set_option,
@@ -29,7 +31,28 @@ from stages.import_export_cli import export, import_
 log = logging.getLogger("haste")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pipeline.cache.groups import git_sha
+
+    def pkg(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    click.echo(f"haste {pkg('haste-pipeline')} (git {git_sha()}), torch {pkg('torch')}, "
+               f"python {platform.python_version()}")
+    ctx.exit()
+
+
+@click.group(cls=HasteGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the package version, git commit, torch and python versions, then exit.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """HASTE pipeline: preprocess -> train -> eval, with a cached DINOv2 teacher."""
@@ -44,7 +67,7 @@ def preprocess(config_path: str | None, overrides: tuple[str, ...], dry_run: boo
     """Encode images into SD-VAE moments + DINOv2 targets (rerun to resume)."""
     from stages.preprocess import PreprocessConfig, run
 
-    cfg = run_guarded(configs.load, PreprocessConfig, config_path, overrides, section="preprocess")
+    cfg = load_config_guarded(configs.load, PreprocessConfig, config_path, overrides, section="preprocess")
     result = run_guarded(run, cfg, dry_run=dry_run)
     dist.shutdown()
     if dry_run or int(os.environ.get("RANK", "0")) == 0:
@@ -127,12 +150,15 @@ def cache_info(path: str, as_json: bool) -> None:
               help="Also measure the teacher codec against an exact teacher on --samples images "
                    "(KL, loss error, gradient cosine at sharpness x1/x5/x20; feature cosine error); "
                    "recorded in the teacher manifest.")
-def cache_verify(path: str, samples: int, no_models: bool, fidelity: bool) -> None:
-    """sha256 of every shard, decode of samples, fresh-teacher comparison, codec fidelity."""
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of the summary.")
+def cache_verify(path: str, samples: int, no_models: bool, fidelity: bool, as_json: bool) -> None:
+    """sha256, sample count and keys of every shard, index.json runs, decode of samples,
+    fresh-model comparison, codec fidelity. A bar over the bytes hashed (on a terminal), then a summary."""
+    from stages.cache_checks import format_verify
     from stages.cache_tools import verify
 
-    report = run_guarded(verify, path, samples=samples, with_models=not no_models, fidelity=fidelity)
-    click.echo(json.dumps(report, indent=2))
+    report = run_guarded(verify, path, samples=samples, with_models=not no_models, fidelity=fidelity, progress=None)
+    click.echo(json.dumps(report, indent=2) if as_json else format_verify(report))
     if not report["ok"]:
         raise ActionableError("cache verification FAILED (see the report above)")
 

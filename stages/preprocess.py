@@ -46,7 +46,7 @@ from pipeline.encoders.teacher import (
 )
 from pipeline.encoders.vae import DEFAULT_VAE, latent_scale_bias
 from pipeline.inputs.images import DEFAULT_MAX_PIXELS
-from pipeline.inputs.sources import Source, open_source
+from pipeline.inputs.sources import DEFAULT_MAX_FILE_BYTES, Source, open_source
 from stages.preprocess_engine import (  # noqa: F401  (PreprocessError, done_record: part of this stage's API)
     PreprocessError,
     done_record,
@@ -92,6 +92,7 @@ class PreprocessConfig:
     synthetic_seed: int = 0
     max_skip_fraction: float = 0.001
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger input files (and tar members) are skipped unread
     resume_verify: Literal["sha256", "size"] = "sha256"
 
     def __post_init__(self) -> None:
@@ -100,6 +101,7 @@ class PreprocessConfig:
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(0.0 <= self.max_skip_fraction <= 1.0, "max_skip_fraction", "must be in [0, 1]")
+        check(self.max_file_bytes > 0, "max_file_bytes", "must be positive")
         check(len(self.teacher_layers) > 0 and len(set(self.teacher_layers)) == len(self.teacher_layers),
               "teacher_layers", "must be a non-empty list of distinct block indices")
         check(all(layer >= 0 for layer in self.teacher_layers), "teacher_layers", "indices must be >= 0")
@@ -128,9 +130,11 @@ class GroupPlan:
 
 
 def transform(cfg: PreprocessConfig) -> dict:
-    # max_pixels decides which inputs are skipped, so it is part of what the shards contain
-    return {"crop": CROP, "resolution": cfg.resolution, "hflip": False, "color": "RGB (alpha dropped)",
-            "max_pixels": cfg.max_pixels}
+    # max_pixels (and max_file_bytes) decide which inputs are skipped, so they are part of what the shards
+    # contain; max_file_bytes only when set, so that the keys of groups built before it existed stay put
+    out = {"crop": CROP, "resolution": cfg.resolution, "hflip": False, "color": "RGB (alpha dropped)",
+           "max_pixels": cfg.max_pixels}
+    return out if cfg.max_file_bytes == DEFAULT_MAX_FILE_BYTES else {**out, "max_file_bytes": cfg.max_file_bytes}
 
 
 def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
@@ -141,6 +145,11 @@ def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
     with torch.device("meta"):
         model = timm.create_model(cfg.teacher_arch, pretrained=False,
                                   img_size=teacher_input_size(cfg.resolution), **preset)
+    depth = len(model.blocks)
+    bad = [layer for layer in cfg.teacher_layers if layer >= depth]
+    if bad:  # before Teacher() below, whose range error would read as the codec's
+        raise ConfigError(f"config field 'teacher_layers': layers {bad} out of range: teacher_arch "
+                          f"{cfg.teacher_arch!r} has {depth} blocks (0..{depth - 1})")
     try:  # capturing what the codec encodes checks that the architecture suits it (tokens-*: linear q, k)
         t = Teacher(model, cfg.teacher_layers, cfg.resolution, capture=get_codec(cfg.codec).inputs)
     except ValueError as e:
@@ -189,7 +198,8 @@ def plan_groups(cfg: PreprocessConfig, source: Source) -> list[GroupPlan]:
 
 def dry_run_report(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan]) -> dict:
     n = len(source.items)
-    out = {"config": to_dict(cfg), "source": {"kind": source.kind, "count": n, "classes": len(source.classes)},
+    out = {"config": to_dict(cfg), "source": {"kind": source.kind, "count": n, "classes": len(source.classes),
+                                              "rejected": source.num_rejected},
            "num_shards": math.ceil(n / cfg.shard_size), "groups": {}}
     for p in plans:
         bps = bytes_per_sample(p.kind, p.spec)
@@ -217,20 +227,15 @@ def write_manifests(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan
         if missing:
             raise PreprocessError(f"{plan.dir}: shards {missing[:5]} are not complete; re-run the same command")
         skipped = [x for r in records for x in r.skipped]
+        check_skip_fraction(cfg, source, skipped)
         try:  # the teacher's q/k projections for tokens-*: written before any shard, hashed here
             files = codec_file_records(plan.dir, plan.spec) if isinstance(plan.spec, TeacherSpec) else {}
         except CacheFormatError as e:
             raise PreprocessError(str(e)) from None
-        frac = len(skipped) / max(1, len(source.items))
-        if frac > cfg.max_skip_fraction:
-            examples = "; ".join(f"{k}: {why}" for k, why in skipped[:3])
-            raise PreprocessError(
-                f"{len(skipped)} of {len(source.items)} inputs ({frac:.2%}) could not be used, more than "
-                f"max_skip_fraction={cfg.max_skip_fraction} (e.g. {examples}). Fix the inputs or raise "
-                "max_skip_fraction, then re-run the same command (finished shards are kept).")
         m = GroupManifest(
             kind=plan.kind, key=plan.key, spec=plan.spec, identity=plan.identity,
-            source={"location": source.location, **source.identity(), "shard_size": cfg.shard_size},
+            source={"location": source.location, **source.identity(), "shard_size": cfg.shard_size,
+                    **({"rejected": [dataclasses.asdict(r) for r in source.rejected]} if source.rejected else {})},
             models={k: v for k, v in models.items() if (k == "vae") == (plan.kind == LATENTS)},
             producer=groups.producer_info(), shards=tuple(records), classes=source.classes, codec_files=files,
             settings={"transform": transform(cfg), "batch_size": cfg.batch_size,
@@ -240,6 +245,21 @@ def write_manifests(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan
         atomic_write_json(plan.dir / "manifest.json", m.to_json())
         manifests.append(m)
     return manifests
+
+
+def check_skip_fraction(cfg: PreprocessConfig, source: Source, skipped: list[tuple[str, str]]) -> None:
+    """Inputs left out while listing (``source.rejected``) plus images skipped while encoding, against
+    ``max_skip_fraction``: before any shard is written with ``skipped=[]``, and again before the manifests."""
+    bad = len(skipped) + source.num_rejected
+    total = len(source.items) + source.num_rejected
+    frac = bad / max(1, total)
+    if frac > cfg.max_skip_fraction:
+        examples = "; ".join(([f"{r.input}: {r.reason}" for r in source.rejected] +
+                              [f"{k}: {why}" for k, why in skipped[:3]])[:3])
+        raise PreprocessError(
+            f"{bad} of {total} inputs ({frac:.2%}) could not be used, more than "
+            f"max_skip_fraction={cfg.max_skip_fraction} (e.g. {examples}). Fix the inputs or raise "
+            "max_skip_fraction, then re-run the same command (finished shards are kept).")
 
 
 def model_identities(plans: list[GroupPlan]) -> dict:
@@ -255,27 +275,31 @@ def model_identities(plans: list[GroupPlan]) -> dict:
 def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
     """Build (or finish) the cache described by ``cfg``; returns a summary dict."""
     d = dist.init(cfg.device)
-    source = open_source(cfg.source, synthetic_classes=cfg.synthetic_classes, synthetic_seed=cfg.synthetic_seed)
+    source = open_source(cfg.source, synthetic_classes=cfg.synthetic_classes, synthetic_seed=cfg.synthetic_seed,
+                         max_file_bytes=cfg.max_file_bytes)
     plans = plan_groups(cfg, source)
     if dry_run:
         return dry_run_report(cfg, source, plans)
     num_shards = math.ceil(len(source.items) / cfg.shard_size)
     pending = [p for p in plans if not groups.is_complete(p.dir)]
     if not pending:
-        log.info("cache is complete, nothing to do: %s", ", ".join(str(p.dir) for p in plans))
-        return {"status": "up-to-date", "groups": {p.kind: str(p.dir) for p in plans}}
+        repaired = finish_complete(cfg, d, source, plans)
+        if not repaired:
+            log.info("cache is complete, nothing to do: %s", ", ".join(str(p.dir) for p in plans))
+        return {"status": "repaired" if repaired else "up-to-date", "groups": {p.kind: str(p.dir) for p in plans}}
     for p in plans:
         log.info("%s group %s (%s)", p.kind, p.dir, "complete, reused" if p not in pending else "to build")
+    for r in source.rejected if d.is_main else ():
+        log.warning("skipping input %s: %s", r.input, r.reason)
+    check_skip_fraction(cfg, source, [])  # what the listing already left out, before anything is written
     check_weights(cfg, pending)
-    prepare_dirs(d, pending)
+    prepare_dirs(d, pending, Path(cfg.out), plans)
     encode_shards(cfg, d, source, pending, num_shards)
     dist.barrier()
     manifests: list[GroupManifest] = []
     if d.is_main:
         manifests = write_manifests(cfg, source, pending, model_identities(pending), num_shards)
-        keys = {p.kind: p.key for p in plans}
-        groups.update_index(Path(cfg.out), keys[LATENTS], keys.get(TEACHER),
-                            {"source": source.location, "resolution": cfg.resolution})
+        record_in_index(cfg, source, plans)
     dist.barrier()
     return {"status": "built", "groups": {p.kind: str(p.dir) for p in plans},
             "samples": {m.kind: m.num_samples for m in manifests}}
@@ -289,15 +313,48 @@ def check_weights(cfg: PreprocessConfig, plans: list[GroupPlan]) -> None:
             weights.require_hub(name.removeprefix("hf-hub:"), what)
 
 
-def prepare_dirs(d: dist.DistInfo, plans: list[GroupPlan]) -> None:
-    """Create the pending groups' directories; rank 0 removes temp files a killed run left there."""
-    _make_dirs(plans)
+def record_in_index(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan]) -> None:
+    keys = {p.kind: p.key for p in plans}
+    groups.update_index(Path(cfg.out), keys[LATENTS], keys.get(TEACHER),
+                        {"source": source.location, "resolution": cfg.resolution})
+
+
+def finish_complete(cfg: PreprocessConfig, d: dist.DistInfo, source: Source, plans: list[GroupPlan]) -> list[str]:
+    """Every group is complete: repair what a run killed after its manifests left undone (rank 0).
+
+    A kill around the index.json write leaves complete groups that index.json does not record (so
+    no reader finds them) and temp files; return what was repaired (empty when nothing was).
+    """
+    if not d.is_main:
+        return []
+    repaired = [str(p) for p in remove_temps(Path(cfg.out), plans)]
+    keys = {p.kind: p.key for p in plans}
+    if not groups.is_indexed(Path(cfg.out), keys[LATENTS], keys.get(TEACHER)):
+        record_in_index(cfg, source, plans)
+        log.info("the groups were complete but not recorded in %s (an earlier run stopped before writing it): "
+                 "recorded them", Path(cfg.out) / groups.INDEX)
+        repaired.append(str(Path(cfg.out) / groups.INDEX))
+    return repaired
+
+
+def remove_temps(root: Path | None, plans: list[GroupPlan]) -> list[Path]:
+    """Remove the temp files a killed run left in the cache root and in the plans' group directories."""
+    removed = groups.remove_index_temps(root) if root is not None else []
+    for p in plans:
+        for folder in (p.dir, p.dir / "progress", p.dir / CODEC_DIR):
+            removed += remove_stale_temps(folder) if folder.is_dir() else []
+    for stale in removed:
+        log.info("removed %s left by an interrupted run", stale)
+    return removed
+
+
+def prepare_dirs(d: dist.DistInfo, pending: list[GroupPlan], root: Path | None = None,
+                 plans: list[GroupPlan] | None = None) -> None:
+    """Create the pending groups' directories; rank 0 removes the temp files a killed run left in
+    the cache ``root`` and in every group of ``plans`` (default: the pending ones)."""
+    _make_dirs(pending)
     if d.is_main:  # before any rank writes: a temp file from a killed run must not outlive the rerun
-        for p in plans:
-            codec_dir = p.dir / CODEC_DIR
-            temps = remove_stale_temps(p.dir) + remove_stale_temps(p.dir / "progress")
-            for stale in temps + (remove_stale_temps(codec_dir) if codec_dir.is_dir() else []):
-                log.info("removed %s left by an interrupted run", stale)
+        remove_temps(root, plans if plans is not None else pending)
     dist.barrier()
 
 

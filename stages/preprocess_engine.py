@@ -155,7 +155,9 @@ def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int
     # share the verdicts: a resumed N-rank run reads the finished part of the cache once, not N times.
     mine = range(d.rank, num_shards, d.world_size)
     checked = {p.kind: [s for s in mine if done_record(p, s, cfg.resume_verify) is None] for p in plans}
-    log.info("rank %d: checked %d of %d earlier shard(s)", d.rank, len(mine), num_shards)
+    earlier = [s for s in range(num_shards) if any(progress_path(p, s).is_file() for p in plans)]
+    if earlier:  # a resumed run; a fresh one has nothing to check and says nothing about it
+        log.info("rank %d: checked %d of %d earlier shard(s)", d.rank, len(set(earlier) & set(mine)), len(earlier))
     need = _union_over_ranks(checked, d)  # a collective: every rank sees the same `need` before any writes
     todo = sorted(set().union(*need.values()))[d.rank::d.world_size]
     if not todo:
@@ -184,7 +186,10 @@ def encode_shards(cfg, d: DistInfo, source: Source, plans: list, num_shards: int
                     for kind in work:
                         pending.append(pools[kind].submit(sinks[kind].commit, shard))
                 pending = _drain(pending, keep=4 * len(pools))
-                bar.update(len(batch))
+                if pos < len(entries):
+                    bar.update(len(batch))
+                else:  # the last step: close() draws the 100% line once the writes are done; an update
+                    bar.n = pos  # here would draw it too, which a log (where \r is no erase) shows twice
             _drain(pending, keep=0)
         except BaseException:
             for f in pending:

@@ -320,7 +320,7 @@ def test_verify_fidelity_writes_manifest_and_falls_back_without_teacher(tmp_path
 
     out = tmp_path / "c"
     run(tiny_preprocess_config(out, source="synthetic:16", codec="lowrank-r4-int8", feat_codec="int8"))
-    res = CliRunner().invoke(cli, ["cache", "verify", "--fidelity", "--samples", "3", str(out)],
+    res = CliRunner().invoke(cli, ["cache", "verify", "--fidelity", "--samples", "3", "--json", str(out)],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     fid = next(g for k, g in json.loads(res.stdout)["groups"].items() if k.startswith(TEACHER))["fidelity"]

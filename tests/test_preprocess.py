@@ -469,7 +469,7 @@ def test_cache_info_and_verify_cli(demo_cache, tmp_path, restore_logging):
     assert {g["kind"] for g in info["groups"]} == {LATENTS, TEACHER}
 
     out = copy_cache(demo_cache, tmp_path / "c")
-    res = invoke("cache", "verify", str(out))
+    res = invoke("cache", "verify", "--json", str(out))
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["ok"] is True
@@ -478,7 +478,7 @@ def test_cache_info_and_verify_cli(demo_cache, tmp_path, restore_logging):
 
     victim = next((out / TEACHER).iterdir()) / "shard-000003.tar"
     flip_byte(victim, offset=victim.stat().st_size // 2)
-    res = invoke("cache", "verify", "--no-models", str(out))
+    res = invoke("cache", "verify", "--no-models", "--json", str(out))
     assert res.exit_code == 1
     assert "cache verification FAILED" in res.stderr and "Traceback" not in res.output
     report = json.loads(res.stdout)
@@ -504,7 +504,7 @@ def test_verify_detects_wrong_values_with_right_hashes(demo_cache, tmp_path, res
     manifest = json.loads((lat_dir / "manifest.json").read_text())
     manifest["shards"][0] = {**manifest["shards"][0], "bytes": rec.bytes, "sha256": rec.sha256}
     atomic_write_json(lat_dir / "manifest.json", manifest)
-    res = invoke("cache", "verify", "--samples", "48", str(out))
+    res = invoke("cache", "verify", "--samples", "48", "--json", str(out))
     assert res.exit_code == 1
     report = json.loads(res.stdout)
     lat = report["groups"][f"{LATENTS}/{m.key}"]

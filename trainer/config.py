@@ -66,6 +66,7 @@ class DataConfig:
     teacher: str = ""             # teacher group key ("" = newest pair)
     num_workers: int = 2
     shuffle: bool = True
+    verify_shards: bool = True    # sha256 of each shard against its manifest when a loader worker first opens it
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -133,7 +134,8 @@ class TrainConfig:
 
 # Fields that may change between a run and its resumption without altering the math.
 RESUME_SAFE = frozenset({"run_dir", "total_steps", "log_every", "ckpt_every", "keep_ckpts", "sample_every",
-                         "sample_steps", "sample_cfg", "sample_count", "compile", "data.cache", "device"})
+                         "sample_steps", "sample_cfg", "sample_count", "compile", "data.cache", "device",
+                         "data.verify_shards"})
 
 
 def _with_preset(section: dict[str, Any], presets: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:

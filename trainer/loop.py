@@ -46,7 +46,7 @@ def open_data(cfg: TrainConfig, phase: Phase, d: dist.DistInfo, start_batch: int
     micro = cfg.per_rank_batch(d.world_size) // cfg.grad_accum
     stream = CacheStream(cache, with_teacher=phase.needs_teacher, batch_size=micro, seed=cfg.seed, rank=d.rank,
                          world_size=d.world_size, num_workers=cfg.data.num_workers, start_batch=start_batch,
-                         shuffle=cfg.data.shuffle)
+                         shuffle=cfg.data.shuffle, verify=cfg.data.verify_shards)
     # A DataLoader iterator draws its workers' base seed from the global RNG; the stream does not use
     # it, so keep the global RNG (saved in checkpoints) independent of when the data was (re)opened.
     with torch.random.fork_rng(devices=[]):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache.schema import LATENTS, SCHEMA_VERSION, TEACHER, CacheFormatError, read_manifest
-from pipeline.cache.shards import atomic_write_json
+from pipeline.cache.shards import atomic_write_json, remove_stale_temps
 
 INDEX = "index.json"
 
@@ -87,3 +87,16 @@ def update_index(root: Path, latents_key: str, teacher_key: str | None, summary:
     index["runs"] = [r for r in index["runs"] if (r["latents"], r["teacher"]) != (latents_key, teacher_key)]
     index["runs"].append(run)
     atomic_write_json(Path(root) / INDEX, index)
+
+
+def is_indexed(root: Path, latents_key: str, teacher_key: str | None) -> bool:
+    """Whether index.json records both groups and their pair (a kill before its write leaves them out)."""
+    index = read_index(root)
+    names = [f"{LATENTS}/{latents_key}"] + ([f"{TEACHER}/{teacher_key}"] if teacher_key else [])
+    return all(n in index.get("groups", {}) for n in names) and any(
+        (r.get("latents"), r.get("teacher")) == (latents_key, teacher_key) for r in index.get("runs", []))
+
+
+def remove_index_temps(root: Path) -> list[Path]:
+    """The ``.index.json.tmp<pid>`` files a run killed inside the index write left in the cache root."""
+    return remove_stale_temps(Path(root), INDEX) if Path(root).is_dir() else []

@@ -6,10 +6,16 @@ batch. Resuming after ``b`` batches therefore only needs each slot to skip its o
 it does by manifest counts (whole shards) plus an offset into one shard's permutation: no bytes
 are read to skip. A resumed DataLoader asks its worker 0 first, so DataLoader worker ``i`` plays
 slot ``w = (i + b) % W``; the rank's batches then continue exactly where they stopped.
+
+With ``verify`` (the default; ``data.verify_shards`` in training) a reader hashes the whole shard
+file the first time it opens it and compares the manifest's sha256 before using a byte of it: the
+loader runs far ahead of the step, so this costs the step nothing unless the loader is the bottleneck.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,7 +33,10 @@ from pipeline.cache.reader import (
     sample_order,
     shard_order,
 )
-from pipeline.cache.schema import LATENTS, TEACHER, CacheFormatError, decode_members
+from pipeline.cache.schema import LATENTS, TEACHER, CacheFormatError, ShardRecord, decode_members
+from pipeline.cache.shards import file_sha256
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,8 @@ class CacheStream(IterableDataset):
     """Infinite stream of collated batches (dict of tensors) for one rank."""
 
     def __init__(self, cache: Cache, *, with_teacher: bool, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, start_batch: int = 0, shuffle: bool = True):
+                 world_size: int = 1, num_workers: int = 0, start_batch: int = 0, shuffle: bool = True,
+                 verify: bool = True):
         if with_teacher and cache.teacher is None:
             raise CacheMismatchError("a teacher stream was asked for but the cache was opened without a teacher")
         if not 0 <= rank < world_size:
@@ -79,8 +89,13 @@ class CacheStream(IterableDataset):
                 f"worker(s) = {num_slots} readers; lower data.num_workers or preprocess with a smaller shard_size")
         self.cache, self.with_teacher, self.batch_size, self.seed = cache, with_teacher, batch_size, seed
         self.rank, self.num_workers, self.num_slots = rank, max(1, num_workers), num_slots
-        self.start_batch, self.shuffle = start_batch, shuffle
+        self.start_batch, self.shuffle, self.verify = start_batch, shuffle, verify
         self.counts = [s.count for s in cache.latents.shards]
+        if rank == 0:
+            log.info("data checks: %s; every shard's sample count and every sample's fields, dtypes and shapes are "
+                     "checked as read; values are recomputed only by `haste cache verify`",
+                     "each shard's sha256 is checked against its manifest when a reader first opens it" if verify
+                     else "shard sha256 NOT checked (verify_shards off)")
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -116,6 +131,10 @@ class CacheStream(IterableDataset):
 
     def _read_shard(self, s: int, order: list[int]) -> Iterator[dict]:
         lat_path = self.cache.shard_path(LATENTS, s)
+        if self.verify:
+            verify_shard(lat_path, self.cache.latents.shards[s])
+            if self.with_teacher:
+                verify_shard(self.cache.shard_path(TEACHER, s), self.cache.teacher.shards[s])
         lat_index = _checked_index(lat_path, self.counts[s])
         t_path = self.cache.shard_path(TEACHER, s) if self.with_teacher else None
         if t_path is not None:
@@ -134,6 +153,39 @@ class CacheStream(IterableDataset):
                     out.update(decode_members(TEACHER, self.cache.teacher.spec,
                                               read_sample(t_path, t_index[i], tf), where=f"{t_path}:{key}"))
                 yield out
+
+
+_verified: set[tuple[str, int, int, int]] = set()  # file versions this process has hashed
+
+
+def verify_shard(path: Path, record: ShardRecord) -> None:
+    """Raise ``CacheFormatError`` naming the shard unless its bytes hash to the manifest's sha256;
+    each file version (path, inode, size, mtime) is hashed once per process."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CacheFormatError(f"shard missing: {path}") from None
+    except OSError as e:
+        raise CacheFormatError(f"shard unreadable: {path} ({e})") from None
+    version = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if version in _verified:
+        return
+    if st.st_size < record.bytes:
+        problem = f"shard truncated: {path} ({st.st_size} of the {record.bytes} bytes its manifest records)"
+    elif st.st_size > record.bytes:
+        problem = f"shard corrupt or replaced: {path} ({st.st_size} bytes, its manifest records {record.bytes})"
+    else:
+        try:
+            same = file_sha256(path) == record.sha256
+        except OSError as e:
+            raise CacheFormatError(f"shard unreadable: {path} ({e})") from None
+        problem = None if same else (f"shard corrupt or edited: {path} (its sha256 differs from its manifest "
+                                     "record: the bytes changed after preprocessing)")
+    if problem:
+        raise CacheFormatError(f"{problem}. To repair it, delete {Path(path).parent / 'manifest.json'} and re-run "
+                               "`haste preprocess` with the same config: it re-checks every shard and rewrites "
+                               "those that differ")
+    _verified.add(version)
 
 
 def _checked_index(path: Path, count: int):

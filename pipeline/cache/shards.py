@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.cache.schema import CacheFormatError, ShardRecord
+from pipeline.cache.schema import CacheFormatError, ShardRecord, unsafe_key_reason
 
 
 def shard_name(index: int) -> str:
@@ -38,9 +38,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def remove_stale_temps(directory: Path) -> list[Path]:
-    """Delete the ``.<name>.tmp<pid>`` files a killed run left in ``directory`` (not recursive)."""
-    stale = sorted(p for p in Path(directory).glob(".*.tmp*") if p.is_file())
+def remove_stale_temps(directory: Path, name: str = "*") -> list[Path]:
+    """Delete the ``.<name>.tmp<pid>`` files a killed run left in ``directory`` (not recursive);
+    ``name`` narrows it to one file's temps (a cache root may be a folder shared with other files)."""
+    stale = sorted(p for p in Path(directory).glob(f".{name}.tmp*") if p.is_file())
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -70,9 +71,14 @@ class ShardWriter:
     def _write(self, data: bytes) -> None:
         self._sha.update(data)
         self._nbytes += len(data)
-        self._raw.write(data)
+        try:
+            self._raw.write(data)
+        except OSError as e:
+            raise _named(e, self.path) from None
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
+        if (why := unsafe_key_reason(key)) is not None:  # sources refuse such keys; this is the last line
+            raise CacheFormatError(f"refusing sample key {key!r} in {self.path}: {why}")
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444
@@ -84,28 +90,49 @@ class ShardWriter:
         self.keys.append(key)
 
     def commit(self, skipped: tuple[tuple[str, str], ...] = ()) -> ShardRecord:
-        self._write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self._write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            os.replace(self.tmp, self.path)
+        except BaseException as e:  # disk full at the end: the caller has already let go of this writer
+            self.abort()
+            if isinstance(e, OSError):
+                raise _named(e, self.path) from None
+            raise
         return ShardRecord(index=self.index, name=self.path.name, count=len(self.keys), bytes=self._nbytes,
                            sha256=self._sha.hexdigest(), first_key=self.keys[0] if self.keys else None,
                            last_key=self.keys[-1] if self.keys else None, skipped=skipped)
 
     def abort(self) -> None:
-        """Drop the partial file; never raises (it runs while another error propagates)."""
+        """Drop the partial file; never raises (it runs while another error propagates, and every
+        other writer must still be aborted after it). Closing flushes buffered bytes, which fails
+        again on a full disk: that error is the one already propagating, so it is dropped here."""
         try:
             self._raw.close()
+        except OSError:
+            pass
         finally:
-            self.tmp.unlink(missing_ok=True)
+            try:
+                self.tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
-def file_sha256(path: Path) -> str:
+def _named(e: OSError, path: Path) -> OSError:
+    """A write error (ENOSPC carries no file name) naming the shard it was writing."""
+    return e if e.filename is not None else OSError(e.errno, e.strerror or str(e), str(path))
+
+
+def file_sha256(path: Path, progress: Callable[[int], object] | None = None) -> str:
+    """sha256 of a file read in 4 MiB chunks; ``progress(n)`` is called with each chunk's size."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return h.hexdigest()
 
 

@@ -228,33 +228,85 @@ def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(class_dir: Path) -> list[Path]:
-    """All image files under ``class_dir`` (recursive, symlinks followed, hidden dirs pruned)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
-    return found
+def display_path(path: str | Path) -> str:
+    """A path as one printable line: itself when valid UTF-8, else the repr of its raw bytes."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return repr(os.fsencode(text))
 
 
-def list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """List ``<root>/<class_dir>/.../<image>`` as ``(classes, [(relative posix path, label)])``.
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or below it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
-    ``classes`` are the sorted non-hidden subdirectory names of ``root`` and ``label`` is the
-    index into it (ImageNet synsets -> 0..999, as in edm2 and torchvision ImageFolder). Items
-    are sorted by relative path; files directly under ``root`` are ignored. Raises
-    FileNotFoundError if ``root`` is not a directory, ValueError if it has no class directories
-    or no images.
-    """
+
+class _Walk:
+    """One listing's directory walk. Directory symlinks are followed, each real directory once: a
+    link to the root, to a folder above it or above the class folder (a loop), to a folder already
+    listed, or into another class's folder is not followed, so every file is listed at most once
+    and only under the class folder that holds it."""
+
+    def __init__(self, root: Path):
+        self.root_real = os.path.realpath(root)
+        self.visited: set[str] = {self.root_real}
+        self.rejected: list[tuple[str, str]] = []   # (path, reason): inputs counted as skipped
+
+    def class_files(self, class_dir: Path) -> list[Path]:
+        class_real = os.path.realpath(class_dir)
+        if _inside(self.root_real, class_real) or class_real in self.visited:
+            logger.warning("class folder %s is a link to the dataset root, a folder above it or another class "
+                           "folder: not followed (the class gets no images)", display_path(class_dir))
+            return []
+        self.visited.add(class_real)
+        found: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True, onerror=self._unreadable):
+            dirnames[:] = [d for d in sorted(dirnames) if self._follow(Path(dirpath) / d, class_real)]
+            found.extend(Path(dirpath) / f for f in filenames if is_image_file(f) and self._utf8(Path(dirpath) / f))
+        return found
+
+    def _follow(self, path: Path, class_real: str) -> bool:
+        if path.name.startswith("."):
+            return False
+        real = os.path.realpath(path)
+        loop = _inside(self.root_real, real) or _inside(class_real, real)
+        if loop or real in self.visited or (_inside(real, self.root_real) and not _inside(real, class_real)):
+            logger.warning("not following %s -> %s: %s", display_path(path), display_path(real),
+                           "a loop" if loop else "already listed, or inside another class folder")
+            return False
+        self.visited.add(real)
+        return True
+
+    def _utf8(self, path: Path) -> bool:
+        # keys, manifests and tar member names are UTF-8 text: such a file cannot be cached under its name
+        if display_path(path) == os.fspath(path):
+            return True
+        self.rejected.append((display_path(path), "file name is not valid UTF-8 (rename it)"))
+        return False
+
+    def _unreadable(self, e: OSError) -> None:
+        self.rejected.append((display_path(e.filename), f"unreadable directory: {e.strerror or e}"))
+
+
+def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
+    """``list_image_folder`` plus the inputs it had to leave out, as (path, reason) pairs: files
+    whose names are not UTF-8, directories it could not read. Raises like ``list_image_folder``."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
+        raise FileNotFoundError(f"image folder {display_path(root)!r} does not exist or is not a directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"image folder {str(root)!r} has no class subdirectories (<root>/<class>/<image>)")
+    bad = [c for c in classes if display_path(c) != c]
+    if bad:  # a class cannot be dropped without renumbering every later class
+        raise ValueError(f"class folder name {display_path(root / bad[0])} is not valid UTF-8: rename it "
+                         "(class names are recorded in the cache manifest)")
+    walk = _Walk(root)
     items: list[tuple[str, int]] = []
     for label, cls in enumerate(classes):
-        files = _walk_images(root / cls)
+        files = walk.class_files(root / cls)
         if not files:
             # Kept in `classes` so labels stay stable, but almost certainly a data problem.
             logger.warning("class directory %s has no images", root / cls)
@@ -265,4 +317,18 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
             f"with extensions {IMAGE_EXTENSIONS}"
         )
     items.sort()
+    return classes, items, walk.rejected
+
+
+def list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """List ``<root>/<class_dir>/.../<image>`` as ``(classes, [(relative posix path, label)])``.
+
+    ``classes`` are the sorted non-hidden subdirectory names of ``root`` and ``label`` is the
+    index into it (ImageNet synsets -> 0..999, as in edm2 and torchvision ImageFolder). Items
+    are sorted by relative path; files directly under ``root`` are ignored. Directory symlinks
+    are followed, each real directory once (see ``_Walk``); files whose names are not UTF-8 are
+    left out (``scan_image_folder`` returns them). Raises FileNotFoundError if ``root`` is not a
+    directory, ValueError if it has no class directories or no images.
+    """
+    classes, items, _ = scan_image_folder(root)
     return classes, items

@@ -101,7 +101,8 @@ def find_edm2_parts(root: str | Path) -> tuple[Path, Path]:
         options = [root / part, root / f"{part}.zip"]
         hit = next((p for p in options if p.exists()), None)
         if hit is None:
-            raise PreparedFormatError(f"{root}: neither {part}/ nor {part}.zip found (edm2 layout, SPEC §4)")
+            raise PreparedFormatError(f"{root}: neither {part}/ nor {part}.zip found (the edm2 layout: images/ "
+                                      "and vae-sd/, each a folder or a .zip)")
         found.append(hit)
     return found[0], found[1]
 

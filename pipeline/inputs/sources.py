@@ -4,12 +4,20 @@ Every source becomes an ordered list of ``Item``s (stable key, label, where the 
 output shard k is always items[k*S:(k+1)*S] whatever the number of ranks, workers or reruns.
 Items are loaded by index in DataLoader workers; tar members are read by offset, which is why
 wds inputs are indexed once with ``tarfile`` (headers only) instead of being streamed.
+
+What is read: regular files only (a FIFO or a link to a device is skipped, never opened for a
+blocking read), at most ``max_file_bytes`` each; input tars must end with the end-of-archive
+marker (a tar cut short is used up to the cut and its lost samples are counted); keys that would
+leave a tar when extracted (``../``, absolute, control characters) are refused. Everything left
+out at listing time is a ``Rejected`` entry that counts against ``max_skip_fraction``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +25,11 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.cache.schema import sample_key
-from pipeline.inputs.images import IMAGE_EXTENSIONS, SkipImage, decode_image, list_image_folder
+from pipeline.cache.schema import sample_key, unsafe_key_reason
+from pipeline.inputs.images import IMAGE_EXTENSIONS, SkipImage, decode_image, display_path, scan_image_folder
 from pipeline.inputs.synth import synth_image
+
+DEFAULT_MAX_FILE_BYTES = 512 * 2**20  # an ImageNet JPEG is ~110 KB; anything near this is not an image
 
 
 class SourceError(ValueError):
@@ -36,12 +46,27 @@ class Item:
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """An input left out while listing (it never becomes an ``Item``), counted like a skipped image."""
+
+    input: str          # the path (raw bytes' repr when not UTF-8), or tar:member
+    reason: str
+    count: int = 1      # samples it stands for (a tar cut short: the samples lost after the cut)
+
+
+@dataclass(frozen=True)
 class Source:
     kind: str                   # "folder" | "wds" | "synthetic"
     location: str               # what the user passed
     classes: tuple[str, ...]
     items: tuple[Item, ...]
     synthetic_seed: int = 0
+    rejected: tuple[Rejected, ...] = ()
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+
+    @property
+    def num_rejected(self) -> int:
+        return sum(r.count for r in self.rejected)
 
     def identity(self) -> dict[str, object]:
         """What makes two sources the same dataset: kind, classes and the exact item listing."""
@@ -59,16 +84,41 @@ class Source:
         """uint8 (R, R, 3) center-cropped RGB, or raise ``SkipImage``."""
         if self.kind == "synthetic":
             return synth_image(int(item.key.rsplit("_", 1)[1]), len(self.classes), resolution, self.synthetic_seed)[0]
-        try:
-            with open(item.path, "rb") as f:
-                f.seek(item.offset)
-                data = f.read() if item.size < 0 else f.read(item.size)
-        except OSError as e:
-            raise SkipImage(f"unreadable: {e.strerror or e}") from None
+        data = read_input(item.path, item.offset, item.size, self.max_file_bytes)
         return decode_image(data, resolution, name=item.key, max_pixels=max_pixels)
 
 
-def open_source(spec: str, *, synthetic_classes: int = 8, synthetic_seed: int = 0) -> Source:
+def read_input(path: str, offset: int, size: int, max_bytes: int) -> bytes:
+    """``size`` bytes at ``offset`` (size < 0: the whole file) of a regular file, or raise ``SkipImage``.
+
+    Opened non-blocking, so a FIFO is seen (and skipped) instead of waiting for a writer; a device
+    (a link to /dev/zero) is skipped before any read; no read exceeds ``max_bytes`` + 1.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise SkipImage(f"unreadable: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                    stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}.get(stat.S_IFMT(st.st_mode), "not a file")
+            raise SkipImage(f"not a regular file ({kind})")
+        want = st.st_size if size < 0 else size
+        if want > max_bytes:
+            raise SkipImage(f"file too large: {want} bytes > max_file_bytes={max_bytes}")
+        try:
+            f.seek(offset)
+            data = f.read(max_bytes + 1 if size < 0 else size)
+        except OSError as e:
+            raise SkipImage(f"unreadable: {e.strerror or e}") from None
+    if len(data) > max_bytes:  # the file grew after fstat
+        raise SkipImage(f"file too large: over max_file_bytes={max_bytes}")
+    return data
+
+
+def open_source(spec: str, *, synthetic_classes: int = 8, synthetic_seed: int = 0,
+                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Source:
     """``synthetic:<n>``, a folder tree, a directory of .tar shards, or a brace/glob tar pattern."""
     if spec.startswith("synthetic:"):
         try:
@@ -83,22 +133,29 @@ def open_source(spec: str, *, synthetic_classes: int = 8, synthetic_seed: int = 
         return Source("synthetic", spec, classes, items, synthetic_seed)
     tars = _tar_paths(spec)
     if tars:
-        return _wds_source(spec, tars)
+        return _wds_source(spec, tars, max_file_bytes)
     root = Path(spec)
     if not root.exists():
         raise SourceError(f"source not found: {spec} (expected an image folder tree, .tar shards or synthetic:<n>)")
     try:
-        classes, files = list_image_folder(root)
+        classes, files, left_out = scan_image_folder(root)
     except (FileNotFoundError, ValueError) as e:
         raise SourceError(str(e)) from None
-    items = tuple(Item(key=sample_key(rel), label=label, path=str(root / rel)) for rel, label in files)
+    rejected = [Rejected(path, why) for path, why in left_out]
+    items: list[Item] = []
     seen: dict[str, str] = {}
-    for it, (rel, _) in zip(items, files):
-        if it.key in seen:  # e.g. a.jpg and a.png: one tar sample key, so one would overwrite the other
-            raise SourceError(f"{root}: {seen[it.key]!r} and {rel!r} map to the same sample key {it.key!r} "
+    for rel, label in files:
+        key = sample_key(rel)
+        if (why := unsafe_key_reason(key)) is not None:  # e.g. a newline in a file name
+            rejected.append(Rejected(str(root / rel), f"unusable as a sample key: {why}"))
+            continue
+        if key in seen:  # e.g. a.jpg and a.png: one tar sample key, so one would overwrite the other
+            raise SourceError(f"{root}: {seen[key]!r} and {rel!r} map to the same sample key {key!r} "
                               "(keys drop the extension); rename one of them")
-        seen[it.key] = rel
-    return Source("folder", str(root.resolve()), tuple(classes), items)
+        seen[key] = rel
+        items.append(Item(key=key, label=label, path=str(root / rel)))
+    return Source("folder", str(root.resolve()), tuple(classes), tuple(items), rejected=tuple(rejected),
+                  max_file_bytes=max_file_bytes)
 
 
 def _tar_paths(spec: str) -> list[Path]:
@@ -106,44 +163,105 @@ def _tar_paths(spec: str) -> list[Path]:
 
     if spec.endswith(".tar") or "{" in spec:
         paths = [Path(p) for p in braceexpand.braceexpand(spec)]
-        missing = [p for p in paths if not p.is_file()]
+        missing = [p for p in paths if not p.exists()]
         if missing:
             raise SourceError(f"tar shard not found: {missing[0]} ({len(missing)} of {len(paths)} missing)")
-        return paths
-    root = Path(spec)
-    return sorted(root.glob("*.tar")) if root.is_dir() else []
+    else:
+        paths = sorted(Path(spec).glob("*.tar")) if Path(spec).is_dir() else []
+    odd = [p for p in paths if not p.is_file()]  # a FIFO would block the listing, a device never end
+    if odd:
+        raise SourceError(f"input tar {display_path(odd[0])} is not a regular file")
+    return paths
 
 
-def _wds_source(spec: str, tars: list[Path]) -> Source:
-    """Index ImageNet-wds shards: one image member plus a ``.cls`` label per key."""
-    items: list[Item] = []
-    for tar in tars:
-        images: dict[str, tarfile.TarInfo] = {}
-        labels: dict[str, int] = {}
-        try:
-            with tarfile.open(tar, "r:") as tf, open(tar, "rb") as raw:
+def _scan_tar(tar: Path) -> tuple[list[tarfile.TarInfo], str | None]:
+    """The tar's complete members and, when it does not end with the end-of-archive marker, why.
+
+    ``tarfile`` stops silently at a header cut off at a block boundary (or garbled), so a tar cut
+    short would just look smaller; as ``pipeline.cache.reader`` does for our own shards, the block
+    where iteration stopped must be the NUL end-of-archive marker.
+    """
+    members: list[tarfile.TarInfo] = []
+    cut = None
+    try:
+        with open(tar, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
+            size = os.fstat(raw.fileno()).st_size
+            try:
                 for m in tf:
-                    if not m.isfile():
-                        continue
-                    parsed = base_plus_ext(m.name)  # webdataset's own key/extension rule
-                    if parsed is None or parsed[0] is None:
-                        continue
-                    key, ext = parsed
-                    if ext.lower() == "cls":
-                        raw.seek(m.offset_data)
-                        labels[key] = _parse_label(raw.read(m.size), tar, key)
-                    elif "." + ext.lower() in IMAGE_EXTENSIONS:
-                        images[key] = m
-        except tarfile.TarError as e:
-            raise SourceError(f"cannot read tar shard {tar}: {e}") from None
+                    members.append(m)
+                raw.seek(tf.offset)
+                marker = raw.read(tarfile.BLOCKSIZE)
+                if len(marker) < tarfile.BLOCKSIZE:
+                    cut = f"no end-of-archive marker, the file ends at byte {size}"
+                elif marker.strip(tarfile.NUL):
+                    cut = f"unreadable tar header at byte {tf.offset}"
+            except (tarfile.TarError, EOFError) as e:  # cut inside a member's data
+                cut = f"cut inside a member ({e})"
+    except (tarfile.TarError, OSError) as e:
+        raise SourceError(f"cannot read tar shard {tar}: {e}") from None
+    complete = [m for m in members if m.offset_data + m.size <= size]
+    return complete, cut or (f"cut inside a member, the file ends at byte {size}" if len(complete) < len(members)
+                             else None)
+
+
+def _tar_items(tar: Path, members: list[tarfile.TarInfo], cut: bool) -> tuple[list[Item], list[Rejected], int]:
+    """Items of one tar (an image member plus a ``.cls`` label per key), refused keys, and the
+    number of samples only partly in the tar (at the cut of a tar cut short)."""
+    images: dict[str, tarfile.TarInfo] = {}
+    labels: dict[str, tarfile.TarInfo] = {}
+    for m in members:
+        parsed = base_plus_ext(m.name) if m.isfile() else None  # webdataset's own key/extension rule
+        if parsed is None or parsed[0] is None:
+            continue
+        key, ext = parsed
+        if ext.lower() == "cls":
+            labels[key] = m
+        elif "." + ext.lower() in IMAGE_EXTENSIONS:
+            images[key] = m
+    items, rejected, partial = [], [], 0
+    with open(tar, "rb") as raw:
         for key, m in images.items():
             if key not in labels:
+                if cut:
+                    partial += 1
+                    continue
                 raise SourceError(f"{tar}: sample {key!r} has an image but no .cls label")
-            items.append(Item(key=key, label=labels[key], path=str(tar.resolve()), offset=m.offset_data, size=m.size))
+            if (why := unsafe_key_reason(key)) is not None:  # "../x" would leave our shards when extracted
+                rejected.append(Rejected(f"{display_path(tar)}:{display_path(key)}", f"unusable as a sample key: {why}"))
+                continue
+            raw.seek(labels[key].offset_data)
+            label = _parse_label(raw.read(labels[key].size), tar, key)
+            items.append(Item(key=key, label=label, path=str(tar.resolve()), offset=m.offset_data, size=m.size))
+    partial += sum(1 for key in labels if key not in images) if cut else 0
+    return items, rejected, partial
+
+
+def _wds_source(spec: str, tars: list[Path], max_file_bytes: int) -> Source:
+    """Index ImageNet-wds shards; a tar cut short keeps its complete samples, the rest count as lost."""
+    scans = [(tar, *_scan_tar(tar)) for tar in tars]
+    per_tar = [(tar, cut, *_tar_items(tar, members, cut is not None)) for tar, members, cut in scans]
+    full = [len(its) + len(rej) for _, cut, its, rej, _ in per_tar if cut is None]
+    items: list[Item] = []
+    rejected: list[Rejected] = []
+    for tar, cut, tar_items, tar_rejected, partial in per_tar:
+        items += tar_items
+        rejected += tar_rejected
+        if cut is None:
+            continue
+        kept = len(tar_items) + len(tar_rejected)
+        if full:  # the samples after the cut are gone: the largest complete tar says how many there were
+            lost = partial + max(0, max(full) - kept - partial)
+            how = f"estimated from the largest complete tar ({max(full)} samples)"
+        else:
+            lost = max(1, partial)
+            how = "no complete tar to compare with: the samples after the cut cannot be counted"
+        rejected.append(Rejected(display_path(tar), f"tar cut short ({cut}): {kept} complete samples kept, "
+                                                    f"{lost} lost ({how})", lost))
     if not items:
         raise SourceError(f"no image samples with .cls labels found in {spec}")
     num_classes = max(it.label for it in items) + 1
-    return Source("wds", spec, tuple(str(c) for c in range(num_classes)), tuple(items))
+    return Source("wds", spec, tuple(str(c) for c in range(num_classes)), tuple(items), rejected=tuple(rejected),
+                  max_file_bytes=max_file_bytes)
 
 
 def _parse_label(data: bytes, tar: Path, key: str) -> int:
