@@ -19,6 +19,7 @@ import pipeline.cache.loader
 import pipeline.dist
 import trainer.engine
 import trainer.loop
+import trainer.preview
 from pipeline.cache.reader import CacheMismatchError
 from pipeline.configs import ConfigError, to_dict
 from pipeline.dist import DistInfo
@@ -221,7 +222,7 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(demo_cache: Path, tm
         return losses
 
     monkeypatch.setattr(trainer.engine, "micro_loss", poisoned)
-    monkeypatch.setattr(trainer.loop, "loss_plot", lambda *a, **k: None)
+    monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)
     run = tmp_path / "run"
     cfg = tiny_cfg(demo_cache, run, {"total_steps": 8, "ckpt_every": 2, "log_every": log_every,
                                      "align.stop_step": 100})
