@@ -98,7 +98,7 @@ def _train(cfg: TrainConfig, d: dist.DistInfo) -> dict[str, Any]:
     cache, batches = open_data(cfg, phase, d, start_batch=step * cfg.grad_accum)
     net = wrap(model, phase, d, cfg.compile)
     preview = Previewer(cfg, cache, d)  # loads the preview VAE now: a missing one fails before step 1
-    preview.repair(ema, run_dir, step, stats.read())
+    preview.repair(ema, run_dir, step, stats)
     log.info("run %s: %d steps in all, starting at step %d in phase %s; %d params, world %d, per-rank batch "
              "%d x %d accum", run_dir, cfg.total_steps, step, phase.name, sum(p.numel() for p in model.parameters()),
              d.world_size, cfg.per_rank_batch(d.world_size) // cfg.grad_accum, cfg.grad_accum)
@@ -131,7 +131,7 @@ def _train(cfg: TrainConfig, d: dist.DistInfo) -> dict[str, Any]:
                 saved_at = step
             if preview.is_preview_step(step):
                 preview.grid(ema, step, run_dir)
-                preview.plot(stats.read(), run_dir)  # redrawn with the previews, not every log line
+                preview.plot(stats, run_dir)  # redrawn with the previews, not every log line
     dist.barrier()
     return {"step": step, "phase": phase.name, "run_dir": str(run_dir)}
 

@@ -19,6 +19,7 @@ from trainer import checkpoint
 from trainer.checkpoint import disk_full_named
 from trainer.config import TrainConfig
 from trainer.models.sit import SiT
+from trainer.runlog import StatsWriter
 from trainer.sampling import euler_sampler
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,11 @@ class Previewer:
                         cfg_scale=self.cfg.sample_cfg, scale=self.spec.scale, bias=self.spec.bias, path=path)
         log.info("step %d: sample grid %s", step, path)
 
-    def plot(self, records: list[dict[str, Any]], run_dir: Path) -> None:
+    def plot(self, stats: StatsWriter, run_dir: Path) -> None:
         if self.d.is_main:
-            loss_plot(records, run_dir / "loss.png", self.cfg.align.stop_step)
+            loss_plot(stats.read(), run_dir / "loss.png", self.cfg.align.stop_step)
 
-    def repair(self, ema: SiT, run_dir: Path, step: int, records: list[dict[str, Any]]) -> None:
+    def repair(self, ema: SiT, run_dir: Path, step: int, stats: StatsWriter) -> None:
         """Draw what a kill between a checkpoint and its preview left out: the grid of every kept
         checkpoint at a preview step (from its EMA export, so bitwise the grid the run would have
         drawn) and a loss plot missing or older than stats.jsonl."""
@@ -72,9 +73,10 @@ class Previewer:
             log.info("step %d: drawing the sample grid an interrupted run did not", s)
             self.grid(model, s, run_dir)
             redrawn = True
-        plot, stats = run_dir / "loss.png", run_dir / "stats.jsonl"
-        if records and (redrawn or not plot.is_file() or plot.stat().st_mtime_ns < stats.stat().st_mtime_ns):
-            self.plot(records, run_dir)
+        plot = run_dir / "loss.png"
+        if stats.path.is_file() and (redrawn or not plot.is_file()
+                                     or plot.stat().st_mtime_ns < stats.path.stat().st_mtime_ns):
+            self.plot(stats, run_dir)
 
 
 def fixed_preview_inputs(count: int, num_classes: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
