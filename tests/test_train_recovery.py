@@ -297,3 +297,34 @@ def test_check_fits_names_missing_and_extra_parameters() -> None:
     with pytest.raises(TrainingError, match=r"the checkpoint has parameter 'c' \(1,\), which the model does not"):
         checkpoint.check_fits({**want, "c": torch.zeros(1)}, want, "f.pt", "ema")
     checkpoint.check_fits(dict(want), want, "f.pt", "ema")   # a fitting state passes
+
+
+def test_meter_state_round_trip_per_rank() -> None:
+    """The partial interval is saved per rank (all ranks' sums, gathered); each rank takes its own back,
+    and another world size takes the mean (its data order differs anyway)."""
+    import torch
+
+    from trainer.runlog import Meter
+
+    m = Meter(torch.device("cpu"))
+    for v in (1.0, 2.0, 4.0):
+        m.add({"loss": torch.tensor(v), "feat": torch.tensor(-v)}, step=0)
+    state = m.state_dict()
+    assert state["counts"] == {"feat": 3, "loss": 3} and torch.equal(state["sums"]["loss"], torch.tensor([7.0]))
+    fresh = Meter(torch.device("cpu"))
+    fresh.load_state_dict(state, rank=0, world_size=1)
+    fresh.add({"loss": torch.tensor(8.0), "feat": torch.tensor(-8.0)}, step=3)
+    m.add({"loss": torch.tensor(8.0), "feat": torch.tensor(-8.0)}, step=3)
+    a, b = fresh.flush(4, "I", 8), m.flush(4, "I", 8)
+    assert (a["loss"], a["feat"]) == (b["loss"], b["feat"]) == (3.75, -3.75)
+
+    two_ranks = {"sums": {"loss": torch.tensor([7.0, 9.0])}, "counts": {"loss": 3}}
+    r1 = Meter(torch.device("cpu"))
+    r1.load_state_dict(two_ranks, rank=1, world_size=2)
+    assert float(r1.sums["loss"]) == 9.0
+    r0 = Meter(torch.device("cpu"))
+    r0.load_state_dict(two_ranks, rank=0, world_size=3)
+    assert float(r0.sums["loss"]) == 8.0 and r0.counts == {"loss": 3}
+    empty = Meter(torch.device("cpu"))
+    empty.load_state_dict({}, rank=0, world_size=1)            # checkpoints from before this field
+    assert empty.state_dict() == {"sums": {}, "counts": {}}

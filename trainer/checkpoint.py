@@ -80,7 +80,8 @@ def save(run_dir: str | Path, step: int, payload: dict[str, Any], meta: dict[str
     atomic_torch_save({"ema": payload["ema"], "steps": step, "model_config": meta["config"]["model"],
                        "latents": meta.get("latents")},
                       d / f"ema-{step:07d}.pt")
-    atomic_write_json(d / f"step-{step:07d}.json", meta)  # written last: marks the checkpoint complete
+    with disk_full_named(d / f"step-{step:07d}.json"):
+        atomic_write_json(d / f"step-{step:07d}.json", meta)  # written last: marks the checkpoint complete
     for old in list_checkpoints(run_dir)[:-keep]:
         for p in (old, old.with_suffix(".json"), ema_path(old)):
             p.unlink(missing_ok=True)

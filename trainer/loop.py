@@ -103,6 +103,7 @@ def _train(cfg: TrainConfig, d: dist.DistInfo) -> dict[str, Any]:
              "%d x %d accum", run_dir, cfg.total_steps, step, phase.name, sum(p.numel() for p in model.parameters()),
              d.world_size, cfg.per_rank_batch(d.world_size) // cfg.grad_accum, cfg.grad_accum)
     saved_at = step if ckpts else -1  # the step whose state is on disk
+    meter.start()
     with Progress(cfg.total_steps, step, enabled=d.is_main) as progress:
         while step < cfg.total_steps:
             new = phase_at(step, phases)
@@ -143,7 +144,8 @@ def _prepare_run_dir(run_dir: Path, config_json: dict[str, Any], stats: StatsWri
     for d in (run_dir, run_dir / "samples", checkpoint.ckpt_dir(run_dir)):  # a killed checkpoint save can be GBs
         for stale in remove_stale_temps(d) if d.is_dir() else ():
             log.info("removed %s left by an interrupted write", stale)
-    atomic_write_json(run_dir / "config.json", config_json)
+    with checkpoint.disk_full_named(run_dir / "config.json"):
+        atomic_write_json(run_dir / "config.json", config_json)
     stats.truncate_after(step)
 
 

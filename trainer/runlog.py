@@ -31,6 +31,10 @@ class Meter:
         self.bad_step = torch.tensor(-1, device=device)
         self.t0, self.steps_since = time.perf_counter(), 0
 
+    def start(self) -> None:
+        """Start the clock of samples/s at the first step (not at setup, resume or preview repair)."""
+        self.t0, self.steps_since = time.perf_counter(), 0
+
     def add(self, losses: dict[str, torch.Tensor], step: int) -> None:
         for k, v in losses.items():  # per-key counts: an interval may span tau (feat/attn on only part of it)
             self.sums[k] = self.sums.get(k, 0) + v.float()
