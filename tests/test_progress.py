@@ -99,12 +99,18 @@ def test_train_logs_total_steps_and_progress(demo_cache: Path, tmp_path: Path,
 # Threads
 
 
-def test_choose_threads() -> None:
-    cores = len(os.sched_getaffinity(0))
-    assert choose_threads("auto", torch.device("cpu")) == cores
-    assert choose_threads(3, torch.device("cpu")) == 3
-    assert choose_threads("auto", torch.device("cuda", 0)) is None   # a GPU run keeps torch's choice
-    assert choose_threads(2, torch.device("cuda", 0)) == 2
+def test_choose_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert choose_threads(3, cpu) == 3 and choose_threads(2, gpu) == 2     # an explicit count always wins
+    assert choose_threads("auto", gpu) is None                             # a GPU run keeps torch's choice
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                             # torchrun's (or the user's) choice
+    assert choose_threads("auto", cpu) is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})   # e.g. taskset -c 0-2
+    assert choose_threads("auto", cpu) == 3
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert choose_threads("auto", cpu) == 2
 
 
 def test_threads_knob_applies_during_training_only(demo_cache: Path, tmp_path: Path,

@@ -40,18 +40,20 @@ def setup_numerics(cfg: TrainConfig) -> None:
 
 
 def choose_threads(threads: str | int, device: torch.device) -> int | None:
-    """Intra-op threads for the run; None leaves torch's choice (GPU runs: the host only feeds the device).
+    """Intra-op threads for the run; None leaves torch's choice.
 
-    ``auto`` on CPU = the cores this process may use. What makes a busy machine degrade
-    gracefully is the wait policy, not the count: OpenMP threads that spin while waiting for a
-    thread preempted by another process waste its core, so the CLI sets OMP_WAIT_POLICY=PASSIVE
-    before torch loads (README, "Training").
+    ``auto``: on a GPU, or when OMP_NUM_THREADS is set (torchrun sets 1 per process), torch's
+    choice; otherwise torch's default (one per core) capped at the CPUs this process may run on
+    (``taskset``, cpusets). What makes a busy machine degrade gracefully is the wait policy, not the
+    count: OpenMP threads that spin while waiting for a thread another process preempted waste
+    that core, so the CLI sets OMP_WAIT_POLICY=PASSIVE before torch loads (README, "Training").
     """
     if threads != "auto":
         return int(threads)
-    if device.type != "cpu":
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return None
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), cpus))
 
 
 @contextlib.contextmanager
