@@ -45,7 +45,8 @@ def test_format_eta(seconds, text) -> None:
 
 def test_eta_is_remaining_steps_at_the_mean_rate_so_far() -> None:
     clock = _Clock()
-    p = Progress(total=20, start=4, enabled=True, stream=io.StringIO(), clock=clock)
+    p = Progress(total=20, enabled=True, stream=io.StringIO(), clock=clock)
+    p.start(4)
     assert p.eta_s() is None                       # nothing measured yet
     clock.t += 10.0
     p.update(9, "I")                               # 5 steps in 10 s -> 11 steps left take 22 s
@@ -54,7 +55,8 @@ def test_eta_is_remaining_steps_at_the_mean_rate_so_far() -> None:
 
 def test_plain_lines_when_not_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
     stream, clock = io.StringIO(), _Clock()
-    p = Progress(total=1000, start=0, enabled=True, stream=stream, clock=clock)
+    p = Progress(total=1000, enabled=True, stream=stream, clock=clock)
+    p.start(0)
     clock.t += 30.0
     p.update(6, "II")
     with caplog.at_level(logging.INFO, logger="trainer.loop"):
@@ -68,7 +70,8 @@ def test_plain_lines_when_not_a_terminal(caplog: pytest.LogCaptureFixture) -> No
 
 def test_bar_on_a_terminal() -> None:
     tty, clock = _Tty(), _Clock()
-    with Progress(total=10, start=4, enabled=True, stream=tty, clock=clock) as p:
+    with Progress(total=10, enabled=True, stream=tty, clock=clock) as p:
+        p.start(4)
         clock.t += 2.0
         p.update(5, "I")
         p.log_interval({**RECORD, "step": 5, "phase": "I"})
@@ -80,7 +83,8 @@ def test_bar_on_a_terminal() -> None:
 @pytest.mark.parametrize("enabled, tty", [(False, True), (True, False)], ids=["rank-not-0", "not-a-tty"])
 def test_no_bar_off_rank_zero_or_off_a_terminal(enabled: bool, tty: bool) -> None:
     stream = _Tty() if tty else io.StringIO()
-    with Progress(total=10, start=0, enabled=enabled, stream=stream) as p:
+    with Progress(total=10, enabled=enabled, stream=stream) as p:
+        p.start(0)
         p.update(1, "I")
     assert p.bar is None and stream.getvalue() == ""
 
@@ -141,3 +145,18 @@ def test_cli_sets_passive_wait_policy_before_torch_loads() -> None:
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True)
     assert out.stdout.strip() == "ACTIVE", out.stderr[-2000:]
+
+
+def test_a_failing_run_closes_the_bar_and_restores_logging() -> None:
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    root.addHandler(console)
+    try:
+        before = root.handlers[:]
+        with pytest.raises(RuntimeError, match="boom"), Progress(total=10, enabled=True, stream=_Tty()) as p:
+            p.start(0)
+            assert root.handlers != before            # log lines go through tqdm.write while the bar is up
+            raise RuntimeError("boom")
+        assert p.bar is None and root.handlers == before
+    finally:
+        root.removeHandler(console)

@@ -73,11 +73,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train to ``cfg.total_steps``, resuming from the newest complete checkpoint in ``cfg.run_dir``."""
     d = dist.init(cfg.device)
     cfg.per_rank_batch(d.world_size)  # global batch vs world size x grad_accum, before anything is read or written
-    with intra_op_threads(choose_threads(cfg.threads, d.device)):
-        return _train(cfg, d)
+    with intra_op_threads(choose_threads(cfg.threads, d.device)), Progress(cfg.total_steps, d.is_main) as progress:
+        return _train(cfg, d, progress)
 
 
-def _train(cfg: TrainConfig, d: dist.DistInfo) -> dict[str, Any]:
+def _train(cfg: TrainConfig, d: dist.DistInfo, progress: Progress) -> dict[str, Any]:
     setup_numerics(cfg)
     torch.manual_seed(cfg.seed + d.rank)  # global RNG (official set_seed); a resume restores the saved state
     run_dir = Path(cfg.run_dir)
@@ -104,35 +104,35 @@ def _train(cfg: TrainConfig, d: dist.DistInfo) -> dict[str, Any]:
              d.world_size, cfg.per_rank_batch(d.world_size) // cfg.grad_accum, cfg.grad_accum)
     saved_at = step if ckpts else -1  # the step whose state is on disk
     meter.start()
-    with Progress(cfg.total_steps, step, enabled=d.is_main) as progress:
-        while step < cfg.total_steps:
-            new = phase_at(step, phases)
-            if new != phase:  # an explicit event: checkpoint (unless the interval save just did), reopen data, re-wrap
-                if saved_at != step:
-                    _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d,
-                          reason=f"end of phase {phase.name}")
-                    saved_at = step
-                log.info("step %d: entering phase %s (teacher %s)", step, new.name, "on" if new.needs_teacher else "off")
-                phase = new
-                del batches
-                cache, batches = open_data(cfg, phase, d, start_batch=step * cfg.grad_accum)
-                net = wrap(model, phase, d, cfg.compile)
-            micro = [next(batches) for _ in range(cfg.grad_accum)]
-            losses = train_step(net, model, opt, scaler, cfg, phase, cache, micro, step, d)
-            update_ema(ema, model, cfg.ema_decay)
-            meter.add(losses, step)
-            step += 1
-            progress.update(step, phase.name)
-            if step % cfg.log_every == 0 or step == cfg.total_steps:
-                record = meter.flush(step, phase.name, cfg.global_batch_size)
-                stats.write(record)
-                progress.log_interval(record)
-            if step % cfg.ckpt_every == 0 or step == cfg.total_steps:
-                _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, reason="interval")
+    progress.start(step)
+    while step < cfg.total_steps:
+        new = phase_at(step, phases)
+        if new != phase:  # an explicit event: checkpoint (unless the interval save just did), reopen data, re-wrap
+            if saved_at != step:
+                _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d,
+                      reason=f"end of phase {phase.name}")
                 saved_at = step
-            if preview.is_preview_step(step):
-                preview.grid(ema, step, run_dir)
-                preview.plot(stats, run_dir)  # redrawn with the previews, not every log line
+            log.info("step %d: entering phase %s (teacher %s)", step, new.name, "on" if new.needs_teacher else "off")
+            phase = new
+            del batches
+            cache, batches = open_data(cfg, phase, d, start_batch=step * cfg.grad_accum)
+            net = wrap(model, phase, d, cfg.compile)
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        losses = train_step(net, model, opt, scaler, cfg, phase, cache, micro, step, d)
+        update_ema(ema, model, cfg.ema_decay)
+        meter.add(losses, step)
+        step += 1
+        progress.update(step, phase.name)
+        if step % cfg.log_every == 0 or step == cfg.total_steps:
+            record = meter.flush(step, phase.name, cfg.global_batch_size)
+            stats.write(record)
+            progress.log_interval(record)
+        if step % cfg.ckpt_every == 0 or step == cfg.total_steps:
+            _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, reason="interval")
+            saved_at = step
+        if preview.is_preview_step(step):
+            preview.grid(ema, step, run_dir)
+            preview.plot(stats, run_dir)  # redrawn with the previews, not every log line
     dist.barrier()
     return {"step": step, "phase": phase.name, "run_dir": str(run_dir)}
 

@@ -31,21 +31,26 @@ def format_eta(seconds: float | None) -> str:
 
 
 class Progress:
-    """``update()`` after every optimizer step, ``log_interval(record)`` at every log line."""
+    """``start(step)`` before the first step, ``update()`` after every step, ``log_interval(record)`` at
+    every log line; used as a context manager, so the bar is closed however the run ends."""
 
-    def __init__(self, total: int, start: int, enabled: bool, stream: TextIO | None = None,
+    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None,
                  clock: Callable[[], float] = time.perf_counter):
-        self.total, self.start, self.step = total, start, start
-        self.clock = clock
+        self.total, self.enabled, self.stream, self.clock = total, enabled, stream or sys.stderr, clock
+        self.start_step = self.step = 0
         self.t0 = clock()
         self.bar = self._redirect = None
         self.phase, self.samples_per_s = "", 0.0
-        stream = stream or sys.stderr
-        if enabled and start < total and stream.isatty():
+
+    def start(self, step: int) -> None:
+        self.start_step = self.step = step
+        self.t0 = self.clock()
+        if self.enabled and step < self.total and self.stream.isatty():
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = tqdm(total=total, initial=start, unit="step", desc="train", file=stream, dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, initial=step, unit="step", desc="train", file=self.stream,
+                            dynamic_ncols=True)
             self._redirect = logging_redirect_tqdm()  # log lines print above the bar instead of through it
             self._redirect.__enter__()
 
@@ -62,7 +67,7 @@ class Progress:
             self.bar = None
 
     def eta_s(self) -> float | None:
-        done = self.step - self.start
+        done = self.step - self.start_step
         if done <= 0:
             return None
         return (self.total - self.step) * (self.clock() - self.t0) / done
