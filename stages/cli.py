@@ -12,10 +12,14 @@ import json
 import logging
 import os
 
-import click
+# OpenMP reads its wait policy once, when torch loads it. Threads that spin while they wait waste
+# the cores of a busy machine (README "Training": threads); an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pipeline import configs, dist
-from stages.cli_common import (
+import click  # noqa: E402
+
+from pipeline import configs, dist  # noqa: E402
+from stages.cli_common import (  # noqa: E402
     ActionableError,
     HasteGroup,
     config_option,
@@ -26,7 +30,7 @@ from stages.cli_common import (
     set_option,
     setup_logging,
 )
-from stages.import_export_cli import export, import_
+from stages.import_export_cli import export, import_  # noqa: E402
 
 log = logging.getLogger("haste")
 

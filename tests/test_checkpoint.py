@@ -27,6 +27,7 @@ from trainutil import (
 
 import trainer.checkpoint
 import trainer.loop
+import trainer.preview
 from stages.cli import main as cli
 from trainer import checkpoint
 from trainer.loop import TrainingError, train
@@ -42,7 +43,7 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _no_loss_plot(monkeypatch: pytest.MonkeyPatch) -> None:
     """The loss plot is tested in test_trainer.py; here it would only cost time at log_every=1."""
-    monkeypatch.setattr(trainer.loop, "loss_plot", lambda *a, **k: None)
+    monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +307,9 @@ def test_restore_sets_only_this_ranks_cuda_rng(monkeypatch: pytest.MonkeyPatch, 
     class _Sink:
         def load_state_dict(self, state):
             pass
+
+        def state_dict(self):
+            return {}
 
     ckpt = {"model": {}, "ema": {}, "opt": {}, "steps": 7,
             "rng": {"cpu": torch.get_rng_state(), "cuda": [_State(s) for s in saved_states]}}

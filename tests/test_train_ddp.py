@@ -18,6 +18,7 @@ import torch
 from trainutil import ckpt_steps, load_ckpt, loss_records, overrides, single_thread, tiny_cfg
 
 import trainer.loop
+import trainer.preview
 from trainer.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def test_two_rank_gloo_matches_single_process(demo_cache: Path, tmp_path: Path,
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"step": 4, "phase": "II", "run_dir": str(ddp_run)}
     assert "entering phase II" in proc.stderr and "world 2, per-rank batch 4 x 1 accum" in proc.stderr
 
-    monkeypatch.setattr(trainer.loop, "loss_plot", lambda *a, **k: None)
+    monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)
     train(tiny_cfg(demo_cache, single_run, {**COMMON, "grad_accum": 2, "data.num_workers": 2}))
 
     assert ckpt_steps(ddp_run) == ckpt_steps(single_run) == [2, 4]   # end of Phase I, end of run

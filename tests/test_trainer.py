@@ -4,6 +4,7 @@ teacher group, Phase I refusing up front without it, NaN handling, and the up-fr
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import logging
 import math
@@ -19,9 +20,11 @@ import pipeline.cache.loader
 import pipeline.dist
 import trainer.engine
 import trainer.loop
+import trainer.preview
 from pipeline.cache.reader import CacheMismatchError
 from pipeline.configs import ConfigError, to_dict
 from pipeline.dist import DistInfo
+from pipeline.encoders.weights import WeightsError
 from stages.cli import main as cli
 from trainer.loop import TrainingError, train
 from trainer.models.sit import ModelConfig, SiT
@@ -221,7 +224,7 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(demo_cache: Path, tm
         return losses
 
     monkeypatch.setattr(trainer.engine, "micro_loss", poisoned)
-    monkeypatch.setattr(trainer.loop, "loss_plot", lambda *a, **k: None)
+    monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)
     run = tmp_path / "run"
     cfg = tiny_cfg(demo_cache, run, {"total_steps": 8, "ckpt_every": 2, "log_every": log_every,
                                      "align.stop_step": 100})
@@ -251,3 +254,26 @@ def test_global_batch_not_divisible_by_world(demo_cache: Path, tmp_path: Path,
     # Within one process, grad_accum must divide the global batch (checked when the config is built).
     with pytest.raises(ConfigError, match=r"'grad_accum'.*global_batch_size=8"):
         tiny_cfg(demo_cache, tmp_path / "run", {"grad_accum": 3})
+
+
+# ----------------------------------------------------------------------------------------------
+# Every weight the run needs is resolved before step 1
+
+
+def test_unloadable_preview_vae_fails_before_step_one(demo_cache: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache whose VAE is a hub id that is not cached (e.g. `haste import edm2 --vae <hub id>`
+    offline) used to train until the first preview and die there."""
+    real_open = trainer.loop.open_data
+
+    def hub_vae_cache(*args, **kwargs):
+        cache, batches = real_open(*args, **kwargs)
+        identity = {**cache.latents.identity, "vae": {"name": "example-org/vae-never-downloaded"}}
+        return dataclasses.replace(cache, latents=dataclasses.replace(cache.latents, identity=identity)), batches
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(trainer.loop, "open_data", hub_vae_cache)
+    monkeypatch.setattr(trainer.loop, "train_step", lambda *a: pytest.fail("trained before checking the preview VAE"))
+    with pytest.raises(WeightsError, match="VAE weights 'example-org/vae-never-downloaded' are not in the local "
+                                           "Hugging Face cache and HF_HUB_OFFLINE is set"):
+        train(tiny_cfg(demo_cache, tmp_path / "run", {"sample_every": 1000}))

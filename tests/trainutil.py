@@ -19,7 +19,7 @@ TINY: dict[str, Any] = {
     "model.input_size": 8, "model.num_classes": 4, "model.projector_dim": 64, "model.z_dim": 96,
     "align.preset": "haste", "align.stop_step": 3,
     "global_batch_size": 8, "grad_accum": 1, "total_steps": 6, "lr": 3e-4, "ema_decay": 0.9,
-    "precision": "fp32", "tf32": False, "device": "cpu", "data.num_workers": 0,
+    "precision": "fp32", "tf32": False, "device": "cpu", "threads": 1, "data.num_workers": 0,
     "log_every": 1, "ckpt_every": 3, "keep_ckpts": 10, "sample_every": 1000,
     "sample_steps": 2, "sample_count": 4, "sample_cfg": 2.0,
 }

@@ -94,6 +94,7 @@ class TrainConfig:
     tf32: bool = True
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Literal["auto"] | int = "auto"  # CPU intra-op threads (see engine.choose_threads)
     log_every: int = 100
     ckpt_every: int = 10_000
     keep_ckpts: int = 3
@@ -110,6 +111,7 @@ class TrainConfig:
         check(self.total_steps >= 0, "total_steps", "must be >= 0")
         check(self.lr > 0, "lr", "must be positive")
         check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        check(self.threads == "auto" or self.threads > 0, "threads", "must be 'auto' or a positive integer")
         for name in ("log_every", "ckpt_every", "keep_ckpts", "sample_every", "sample_steps", "sample_count"):
             check(getattr(self, name) > 0, name, "must be positive")
         self._check_alignment()
@@ -135,7 +137,7 @@ class TrainConfig:
 # Fields that may change between a run and its resumption without altering the math.
 RESUME_SAFE = frozenset({"run_dir", "total_steps", "log_every", "ckpt_every", "keep_ckpts", "sample_every",
                          "sample_steps", "sample_cfg", "sample_count", "compile", "data.cache", "device",
-                         "data.verify_shards"})
+                         "data.verify_shards", "threads"})
 
 
 def _with_preset(section: dict[str, Any], presets: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import contextlib
 import copy
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,37 @@ def setup_numerics(cfg: TrainConfig) -> None:
     """TF32 choice in one place (recorded in config.json); called once by the stage."""
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
+def choose_threads(threads: str | int, device: torch.device) -> int | None:
+    """Intra-op threads for the run; None leaves torch's choice.
+
+    ``auto``: on a GPU, or when OMP_NUM_THREADS is set (torchrun sets 1 per process), torch's
+    choice; otherwise torch's default (one per core) capped at the CPUs this process may run on
+    (``taskset``, cpusets). What makes a busy machine degrade gracefully is the wait policy, not the
+    count: OpenMP threads that spin while waiting for a thread another process preempted waste
+    that core, so the CLI sets OMP_WAIT_POLICY=PASSIVE before torch loads (README, "Training").
+    """
+    if threads != "auto":
+        return int(threads)
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), cpus))
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None):
+    """Run with ``n`` intra-op threads, then restore the caller's setting (it is process-global)."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+        log.info("intra-op threads: %d (config field 'threads')", n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def autocast(cfg: TrainConfig, device: torch.device):

@@ -8,8 +8,6 @@ forward and the optimizer step, and re-wraps DDP. Rerun the same command to resu
 from __future__ import annotations
 
 import logging
-import resource
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +20,25 @@ from pipeline.cache.reader import Requirements, check_cache, open_cache
 from pipeline.cache.shards import atomic_write_json, remove_stale_temps
 from pipeline.configs import to_dict
 from trainer import checkpoint
+from trainer.checkpoint import TrainingError
 from trainer.config import RESUME_SAFE, TrainConfig, config_diff
-from trainer.engine import build_model, build_optimizer, setup_numerics, train_step, update_ema, wrap
+from trainer.engine import (
+    build_model,
+    build_optimizer,
+    choose_threads,
+    intra_op_threads,
+    setup_numerics,
+    train_step,
+    update_ema,
+    wrap,
+)
 from trainer.phases import Phase, build_phases, phase_at
-from trainer.preview import StatsWriter, fixed_preview_inputs, loss_plot, sample_grid
+from trainer.preview import Previewer
+from trainer.progress import Progress
+from trainer.runlog import Meter, StatsWriter
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """The run must stop (non-finite loss, refused resume); the message says why and where."""
+__all__ = ["TrainingError", "train"]
 
 
 def open_data(cfg: TrainConfig, phase: Phase, d: dist.DistInfo, start_batch: int):
@@ -63,8 +70,14 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> 
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train to ``cfg.total_steps``, resuming from the newest complete checkpoint in ``cfg.run_dir``."""
     d = dist.init(cfg.device)
     cfg.per_rank_batch(d.world_size)  # global batch vs world size x grad_accum, before anything is read or written
+    with intra_op_threads(choose_threads(cfg.threads, d.device)), Progress(cfg.total_steps, d.is_main) as progress:
+        return _train(cfg, d, progress)
+
+
+def _train(cfg: TrainConfig, d: dist.DistInfo, progress: Progress) -> dict[str, Any]:
     setup_numerics(cfg)
     torch.manual_seed(cfg.seed + d.rank)  # global RNG (official set_seed); a resume restores the saved state
     run_dir = Path(cfg.run_dir)
@@ -76,24 +89,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model, ema = build_model(cfg, d.device)
     opt = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
-    step = _restore(ckpts[-1], model, ema, opt, scaler, d) if ckpts else 0
+    meter = Meter(d.device)
+    step = _restore(ckpts[-1], model, ema, opt, scaler, d, meter) if ckpts else 0
     stats = StatsWriter(run_dir, d.is_main)
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temps(checkpoint.ckpt_dir(run_dir)):  # a killed save can be GBs
-            log.info("removed %s left by an interrupted checkpoint write", stale)
-        atomic_write_json(run_dir / "config.json", {"config": cfg_dict, "git_sha": git_sha(),
-                                                    "world_size": d.world_size})
-        stats.truncate_after(step)
+        _prepare_run_dir(run_dir, {"config": cfg_dict, "git_sha": git_sha(), "world_size": d.world_size}, stats, step)
     phase = phase_at(min(step, max(cfg.total_steps - 1, 0)), phases)
     cache, batches = open_data(cfg, phase, d, start_batch=step * cfg.grad_accum)
     net = wrap(model, phase, d, cfg.compile)
-    log.info("run %s: step %d/%d, phase %s, %d params, world %d, per-rank batch %d x %d accum", run_dir, step,
-             cfg.total_steps, phase.name, sum(p.numel() for p in model.parameters()), d.world_size,
-             cfg.per_rank_batch(d.world_size) // cfg.grad_accum, cfg.grad_accum)
-    meter = _Meter(d.device)
-    preview = _Preview(cfg, cache, d)
+    preview = Previewer(cfg, cache, d)  # loads the preview VAE now: a missing one fails before step 1
+    preview.repair(ema, run_dir, step, stats)
+    log.info("run %s: %d steps in all, starting at step %d in phase %s; %d params, world %d, per-rank batch "
+             "%d x %d accum", run_dir, cfg.total_steps, step, phase.name, sum(p.numel() for p in model.parameters()),
+             d.world_size, cfg.per_rank_batch(d.world_size) // cfg.grad_accum, cfg.grad_accum)
     saved_at = step if ckpts else -1  # the step whose state is on disk
+    meter.start()
+    progress.start(step)
     while step < cfg.total_steps:
         new = phase_at(step, phases)
         if new != phase:  # an explicit event: checkpoint (unless the interval save just did), reopen data, re-wrap
@@ -111,23 +122,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         update_ema(ema, model, cfg.ema_decay)
         meter.add(losses, step)
         step += 1
+        progress.update(step, phase.name)
         if step % cfg.log_every == 0 or step == cfg.total_steps:
-            stats.write(meter.flush(step, phase, cfg.global_batch_size))
+            record = meter.flush(step, phase.name, cfg.global_batch_size)
+            stats.write(record)
+            progress.log_interval(record)
         if step % cfg.ckpt_every == 0 or step == cfg.total_steps:
             _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, reason="interval")
             saved_at = step
-        if step % cfg.sample_every == 0 or step == cfg.total_steps:
+        if preview.is_preview_step(step):
             preview.grid(ema, step, run_dir)
-            if d.is_main:  # redrawn with the previews, not every log line: rank 0 holds the others
-                loss_plot(stats.read(), run_dir / "loss.png", cfg.align.stop_step)
+            preview.plot(stats, run_dir)  # redrawn with the previews, not every log line
     dist.barrier()
     return {"step": step, "phase": phase.name, "run_dir": str(run_dir)}
 
 
-def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo) -> int:
+def _prepare_run_dir(run_dir: Path, config_json: dict[str, Any], stats: StatsWriter, step: int) -> None:
+    """Rank 0, before training: remove the temp files killed writes left, record the config, and cut
+    stats.jsonl back to the checkpoint we resume from (repairing a torn last line)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for d in (run_dir, run_dir / "samples", checkpoint.ckpt_dir(run_dir)):  # a killed checkpoint save can be GBs
+        for stale in remove_stale_temps(d) if d.is_dir() else ():
+            log.info("removed %s left by an interrupted write", stale)
+    with checkpoint.disk_full_named(run_dir / "config.json"):
+        atomic_write_json(run_dir / "config.json", config_json)
+    stats.truncate_after(step)
+
+
+def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo, meter: Meter | None = None) -> int:
     ckpt = checkpoint.load(path, map_location=d.device)
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
+    for key, module in (("model", model), ("ema", ema)):
+        checkpoint.check_fits(ckpt[key], module.state_dict(), path, key)
+        module.load_state_dict(ckpt[key])
     opt.load_state_dict(ckpt["opt"])
     if "scaler" in ckpt and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
@@ -141,12 +167,15 @@ def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo) -> int:
     saved_world = ckpt.get("train_state", {}).get("world_size", d.world_size)
     if saved_world != d.world_size:
         log.warning("resuming with world size %d (checkpoint: %d): the data order will differ", d.world_size, saved_world)
+    if meter is not None:  # the log interval the checkpoint fell into continues where it stopped
+        meter.load_state_dict(ckpt.get("train_state", {}).get("log_interval", {}), d.rank, d.world_size)
     log.info("resumed from %s (step %d)", path, ckpt["steps"])
     return int(ckpt["steps"])
 
 
-def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, reason: str) -> None:
+def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter: Meter, d, reason: str) -> None:
     meter.raise_if_nonfinite()  # never write a checkpoint after a NaN: the last good one stays
+    log_interval = meter.state_dict()  # all ranks' partial sums (a collective)
     if d.is_main:
         payload = {
             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
@@ -154,7 +183,7 @@ def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, r
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": [torch.cuda.get_rng_state(d.device)] if d.device.type == "cuda" else []},
             "train_state": {"step": step, "phase": phase.name, "data_batches": step * cfg.grad_accum,
-                            "world_size": d.world_size},
+                            "world_size": d.world_size, "log_interval": log_interval},
         }
         meta = {"config": to_dict(cfg), "step": step, "phase": phase.name, "reason": reason, "git_sha": git_sha(),
                 "cache": {"latents": cache.latents.key, "teacher": cache.teacher.key if cache.teacher else None},
@@ -164,77 +193,3 @@ def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, r
         path = checkpoint.save(run_dir, step, payload, meta, keep=cfg.keep_ckpts)
         log.info("step %d: saved %s (%s)", step, path, reason)
     dist.barrier()
-
-
-class _Meter:
-    """Accumulates losses on the device; syncs only at log time. Remembers the first non-finite step."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.sums, self.counts = device, {}, {}
-        self.bad_step = torch.tensor(-1, device=device)
-        self.t0, self.steps_since = time.perf_counter(), 0
-
-    def add(self, losses: dict[str, torch.Tensor], step: int) -> None:
-        for k, v in losses.items():  # per-key counts: an interval may span tau (feat/attn on only part of it)
-            self.sums[k] = self.sums.get(k, 0) + v.float()
-            self.counts[k] = self.counts.get(k, 0) + 1
-        finite = torch.isfinite(losses["loss"])
-        # new_full is a fill kernel; torch.tensor(step, device=cuda) would be a blocking copy (a host sync per step)
-        self.bad_step = torch.where((self.bad_step < 0) & ~finite, self.bad_step.new_full((), step), self.bad_step)
-        self.steps_since += 1
-
-    def raise_if_nonfinite(self) -> None:
-        bad = self.bad_step.clone()
-        if torch.distributed.is_initialized():  # on the device: nccl cannot reduce CPU tensors
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        bad = int(bad.item())
-        if bad >= 0:  # bad is the 0-based step index; logs and checkpoints count completed steps
-            raise TrainingError(f"non-finite loss at step {bad + 1}; stopping. The last good checkpoint (step <= {bad}) "
-                                "is kept; lower lr, check the data, or use precision=fp32 to investigate.")
-
-    def flush(self, step: int, phase: Phase, global_batch: int) -> dict[str, Any]:
-        self.raise_if_nonfinite()
-        means = {k: v / self.counts[k] for k, v in self.sums.items()}
-        if torch.distributed.is_initialized():  # SUM / world: gloo has no ReduceOp.AVG
-            world = torch.distributed.get_world_size()
-            for v in means.values():
-                torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.SUM)
-                v.div_(world)
-        dt = time.perf_counter() - self.t0
-        record = {"step": step, "phase": phase.name, **{k: round(float(v), 6) for k, v in means.items()},
-                  "samples_per_s": round(global_batch * self.steps_since / max(dt, 1e-9), 2),
-                  "mem_gb": round(_memory_gb(self.device), 3)}
-        log.info("step %7d | phase %-7s | %s | %.1f samples/s | mem %.2f GB", step, phase.name,
-                 " ".join(f"{k} {record[k]:.4f}" for k in ("loss", "denoise", "feat", "attn") if k in record),
-                 record["samples_per_s"], record["mem_gb"])
-        self.sums, self.counts, self.t0, self.steps_since = {}, {}, time.perf_counter(), 0
-        return record
-
-
-def _memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
-
-
-class _Preview:
-    """Sample grids from fixed noise/labels with the EMA model; VAE from the cache manifest, rank 0 only."""
-
-    def __init__(self, cfg: TrainConfig, cache, d: dist.DistInfo):
-        self.cfg, self.d, self.vae = cfg, d, None
-        self.spec, self.vae_ident = cache.latents.spec, cache.latents.identity["vae"]
-        m = cfg.model
-        self.noise, self.labels = fixed_preview_inputs(cfg.sample_count, max(1, len(cache.latents.classes)),
-                                                       (m.in_channels, m.input_size, m.input_size), cfg.seed)
-
-    def grid(self, ema, step: int, run_dir: Path) -> None:
-        if not self.d.is_main:
-            return
-        from pipeline.encoders.vae import load_vae
-
-        if self.vae is None:
-            self.vae = load_vae(self.vae_ident["name"], seed=int(self.vae_ident.get("seed", 0)), device=self.d.device)[0]
-        path = sample_grid(ema, self.vae, self.noise, self.labels, steps=self.cfg.sample_steps,
-                           cfg_scale=self.cfg.sample_cfg, scale=self.spec.scale, bias=self.spec.bias,
-                           path=run_dir / "samples" / f"step-{step:07d}.png")
-        log.info("step %d: sample grid %s", step, path)

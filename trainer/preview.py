@@ -1,42 +1,82 @@
-"""Rank-0 training artefacts: stats.jsonl, EMA sample grids from fixed noise, a loss plot."""
+"""Rank-0 training artefacts: EMA sample grids from fixed noise, a loss plot; redrawn when a kill skipped them.
+
+The preview VAE (named in the cache manifest) is loaded before step 1, so a VAE that cannot be
+loaded (offline, missing directory) stops the run at once instead of at the first preview.
+"""
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline import dist
+from trainer import checkpoint
+from trainer.checkpoint import disk_full_named
+from trainer.config import TrainConfig
 from trainer.models.sit import SiT
+from trainer.runlog import StatsWriter
 from trainer.sampling import euler_sampler
 
 log = logging.getLogger(__name__)
 
 
-class StatsWriter:
-    """Appends one JSON object per log interval to ``stats.jsonl`` (what tests and plots read)."""
+class Previewer:
+    """Sample grids from fixed noise/labels with the EMA model, and the loss plot; rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.path = Path(run_dir) / "stats.jsonl"
-        self.enabled = enabled
+    def __init__(self, cfg: TrainConfig, cache, d: dist.DistInfo):
+        self.cfg, self.d, self.vae = cfg, d, None
+        self.spec, vae_ident = cache.latents.spec, cache.latents.identity["vae"]
+        m = cfg.model
+        self.noise, self.labels = fixed_preview_inputs(cfg.sample_count, max(1, len(cache.latents.classes)),
+                                                       (m.in_channels, m.input_size, m.input_size), cfg.seed)
+        if d.is_main:  # every weight the run needs, before step 1 (raises the offline/missing-weights message)
+            from pipeline.encoders.vae import load_vae
 
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.vae = load_vae(vae_ident["name"], seed=int(vae_ident.get("seed", 0)), device=d.device)[0]
 
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    def is_preview_step(self, step: int) -> bool:
+        return step % self.cfg.sample_every == 0 or step == self.cfg.total_steps
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop records logged after the checkpoint we restart from."""
-        if self.enabled and self.path.is_file():
-            keep = [r for r in self.read() if r["step"] <= step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    def grid(self, ema: SiT, step: int, run_dir: Path) -> None:
+        if not self.d.is_main:
+            return
+        path = run_dir / "samples" / f"step-{step:07d}.png"
+        with disk_full_named(path):
+            sample_grid(ema, self.vae, self.noise, self.labels, steps=self.cfg.sample_steps,
+                        cfg_scale=self.cfg.sample_cfg, scale=self.spec.scale, bias=self.spec.bias, path=path)
+        log.info("step %d: sample grid %s", step, path)
+
+    def plot(self, stats: StatsWriter, run_dir: Path) -> None:
+        if self.d.is_main:
+            loss_plot(stats.read(), run_dir / "loss.png", self.cfg.align.stop_step)
+
+    def repair(self, ema: SiT, run_dir: Path, step: int, stats: StatsWriter) -> None:
+        """Draw what a kill between a checkpoint and its preview left out: the grid of every kept
+        checkpoint at a preview step (from its EMA export, so bitwise the grid the run would have
+        drawn) and a loss plot missing or older than stats.jsonl."""
+        if not self.d.is_main:
+            return
+        redrawn = False
+        for path in checkpoint.list_checkpoints(run_dir):
+            s = checkpoint.step_of(path)
+            if s > step or not self.is_preview_step(s) or (run_dir / "samples" / f"step-{s:07d}.png").is_file():
+                continue
+            model = copy.deepcopy(ema)
+            saved = checkpoint.load(checkpoint.ema_path(path), map_location=self.d.device)["ema"]
+            checkpoint.check_fits(saved, model.state_dict(), checkpoint.ema_path(path), "EMA")
+            model.load_state_dict(saved)
+            log.info("step %d: drawing the sample grid an interrupted run did not", s)
+            self.grid(model, s, run_dir)
+            redrawn = True
+        plot = run_dir / "loss.png"
+        if stats.path.is_file() and (redrawn or not plot.is_file()
+                                     or plot.stat().st_mtime_ns < stats.path.stat().st_mtime_ns):
+            self.plot(stats, run_dir)
 
 
 def fixed_preview_inputs(count: int, num_classes: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +122,12 @@ def loss_plot(records: list[dict[str, Any]], path: Path, phase_boundary: int | N
         ax.set_title(key)
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # a kill mid-save leaves the old plot, not half a PNG
+    try:
+        with disk_full_named(path):
+            fig.savefig(tmp, dpi=90, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
