@@ -299,6 +299,12 @@ def edm2_moments_name(index: int) -> str:
     return f"{s[:5]}/img-mean-std-{s}.npy"
 
 
+def edm2_image_name(index: int) -> str:
+    """Exactly edm2 ``convert``'s member name: ``{idx[:5]}/img{idx:08d}.png``."""
+    s = f"{index:08d}"
+    return f"{s[:5]}/img{s}.png"
+
+
 def npy_file(arr: np.ndarray) -> bytes:
     """``np.save`` bytes of a C-ordered array, as edm2 writes them (header v1.0)."""
     buf = io.BytesIO()
