@@ -306,7 +306,13 @@ def _export_state(out: Path, marker: dict) -> dict | None:
             if (out / part).exists() and any((out / part).iterdir()):
                 raise ExportError(f"{out / part} exists and is not an export of this cache; choose an empty directory")
         return None
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (ValueError, RecursionError):
+        old = None
+    if not isinstance(old, dict):
+        raise ExportError(f"{path} is not an export marker (unreadable JSON); remove {out} or choose another "
+                          "directory")
     if (old.get("cache"), old.get("latents")) != (marker["cache"], marker["latents"]):
         raise ExportError(f"{out} holds an export of latents group {old.get('latents')} of {old.get('cache')}; "
                           "choose another directory")

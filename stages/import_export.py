@@ -82,7 +82,10 @@ def vae_scale(name: str) -> float:
     path = Path(name).expanduser()
     for cfg_file in (path / "config.json", path / "vae" / "config.json"):
         if cfg_file.is_file():
-            scale = json.loads(cfg_file.read_text()).get("scaling_factor")
+            try:
+                scale = json.loads(cfg_file.read_text()).get("scaling_factor")
+            except (ValueError, AttributeError, RecursionError) as e:
+                raise ConfigError(f"config field 'vae': {cfg_file} is not a JSON object ({e})") from None
             check(isinstance(scale, (int, float)), "vae", f"{cfg_file} has no numeric scaling_factor")
             return float(scale)
     raise ConfigError(f"config field 'vae': unknown VAE {name!r} (known: {', '.join(KNOWN_VAES)}, "

@@ -169,6 +169,9 @@ def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[i
             raise SampleStoreError(f"sample store {path} was made with other settings:\n{lines}\n"
                                    "Use another output directory, or restore these values.")
         store = SampleStore(path, group)
+        if (path / "zarr.json").is_file():
+            log.info("%s is zarr format 3 (written by an earlier version): zarr-python >= 3 reads it, zarr 2 "
+                     "cannot; delete it to have it written again in format 2", path)
         if clean:  # one process only (rank 0, before the others open): another rank's temp file may be in flight
             _remove_partials(path)
             store.reopen_unlabeled()

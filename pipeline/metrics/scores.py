@@ -1,8 +1,9 @@
 """Sample-quality metrics for the eval stage: FID, IS, precision/recall, KID, optional FD-DINOv2.
 
-torch-fidelity 0.4 does the heavy lifting (feature extractors, its extraction loop, IS, KID, P/R);
-we add only what it lacks (SPEC §10-11): the Fréchet distance against *external* statistics (ADM's
-``mu``/``sigma``), loading reference batches, lazy inputs, and clear offline errors. The recipe
+torch-fidelity 0.4 does the heavy lifting (feature extractors, IS, KID, P/R); we add what it
+lacks (SPEC §10-11): the Fréchet distance against *external* statistics (ADM's ``mu``/``sigma``),
+loading reference batches, lazy inputs, clear offline errors, and loading that never unpickles
+(weights as plain tensors, our own .npy feature cache instead of its pickled one). The recipe
 that reproduces ADM-evaluator numbers without TensorFlow (SPEC §10):
 
   * ``inception-v3-compat`` pool_3 (``'2048'``) features of uint8 samples at their stored size
@@ -15,8 +16,9 @@ Each extractor runs once over the samples (and once over the reference images); 
 reads the same feature dict. Usage::
 
     cfg = MetricsConfig(reference="VIRTUAL_imagenet256_labeled.npz", device="cuda")
-    result = compute_metrics(zarr.open_array("samples.zarr"), cfg)   # plain JSON-ready dict
-    log.info(summary_line(result))
+    checked = preflight(cfg)                                         # weights, sha256, reference: seconds
+    result = compute_metrics(zarr.open_group("samples.zarr")["images"], cfg, checked=checked)
+    print(summary_line(result))                                      # the caller reports it, once
 """
 
 from __future__ import annotations
