@@ -246,10 +246,10 @@ def _metrics_preflight(cfg: EvalConfig, d: dist.DistInfo) -> Preflight | None:
     if d.is_main:
         try:
             ref = cfg.metrics.reference
-            if ref and ref.startswith("synthetic:"):  # generated after sampling; only its spec is checked now
+            synthetic = bool(ref and ref.startswith("synthetic:"))
+            if synthetic:  # generated after sampling; only its spec is checked now
                 parse_synthetic(ref)
-                ref = None
-            checked = preflight(dataclasses.replace(cfg.metrics, reference=ref))
+            checked = preflight(cfg.metrics, with_reference=not synthetic)
         except (MetricsError, ConfigError, OSError) as e:
             error = e
     if _sum_over_ranks(int(error is not None), d):

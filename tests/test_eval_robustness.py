@@ -98,12 +98,13 @@ def test_missing_metrics_inputs_fail_before_sampling(export: Path, tmp_path: Pat
 
 
 def test_summary_is_printed_once_and_features_show_progress(export: Path, tmp_path: Path) -> None:
-    args = cli_args(export, tmp_path / "e", "metrics.extractor=random-init-convnet", "metrics.metrics=[is]",
-                    "metrics.is_splits=2", "metrics.save_cpu_ram=true", "metrics.device=cpu")
+    args = cli_args(export, tmp_path / "e", "metrics.extractor=random-init-convnet", "metrics.metrics=[is,kid]",
+                    "metrics.reference=synthetic:6", "metrics.kid_subsets=3", "metrics.is_splits=2",
+                    "metrics.save_cpu_ram=true", "metrics.device=cpu")
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "e" / "metrics.json").read_text())["summary"]
-    assert summary.startswith("IS ") and result.output.count(summary) == 1
+    assert summary.startswith("IS ") and "KID" in summary and result.output.count(summary) == 1
     assert result.stdout.rstrip().endswith(summary)                  # the last line of stdout
     assert "features random-init-convnet" in result.output and "4/4" in result.output
 

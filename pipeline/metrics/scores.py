@@ -224,15 +224,15 @@ def compute_metrics(images: Any, cfg: MetricsConfig, *, progress: bool = False,
     return result
 
 
-def preflight(cfg: MetricsConfig) -> Preflight:
-    """Every check that needs no samples: device, weights (present, expected sha256, plain tensors), the
-    reference, the DINOv2 checkpoint. The eval stage runs it before sampling, so nothing is sampled
-    for metrics that cannot be computed."""
+def preflight(cfg: MetricsConfig, *, with_reference: bool = True) -> Preflight:
+    """Every check that needs no samples: device, weights (present, expected sha256), the reference
+    (unless ``with_reference`` is False: one made later), the DINOv2 checkpoint. The eval stage runs
+    it before sampling, so nothing is sampled for metrics that cannot be computed."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise MetricsError(f"device={cfg.device!r} but CUDA is not available")
     weights = inception_weights_path(cfg.inception_weights) if cfg.extractor == INCEPTION else None
     sha = check_sha256(weights, cfg.inception_sha256) if weights is not None else None
-    ref = load_reference(cfg.reference) if cfg.reference is not None else None
+    ref = load_reference(cfg.reference) if cfg.reference is not None and with_reference else None
     if ref is not None and ref.mu is not None and ref.mu.shape[0] != POOL_DIM:
         raise MetricsError(f"reference {ref.path}: 'mu' has D={ref.mu.shape[0]}, but the '2048' features "
                            f"have D={POOL_DIM}")
