@@ -250,7 +250,7 @@ def _metrics_preflight(cfg: EvalConfig, d: dist.DistInfo) -> Preflight | None:
             if synthetic:  # generated after sampling; only its spec is checked now
                 parse_synthetic(ref)
             checked = preflight(cfg.metrics, with_reference=not synthetic)
-        except (MetricsError, ConfigError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - re-raised below; the other ranks must not wait for rank 0 forever
             error = e
     if _sum_over_ranks(int(error is not None), d):
         if error is not None:
