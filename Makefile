@@ -52,7 +52,7 @@ eval: $(STAMP)  ## sample the newest checkpoint of RUN + metrics: CONFIG, RUN, A
 import-edm2: $(STAMP)  ## import an edm2/REPA/HASTE dataset SRC (images/ + vae-sd/, VAE) into CACHE: CONFIG, ARGS
 	$(HASTE) import edm2 $(SRC) --vae $(VAE) --config $(CONFIG) --set out=$(CACHE) $(ARGS)
 
-export-edm2: $(STAMP)  ## write CACHE's newest latents group as $(OUT)/vae-sd (edm2 layout)
+export-edm2: $(STAMP)  ## write CACHE's newest latents group as $(OUT)/images + $(OUT)/vae-sd (edm2 layout, sorted source order)
 	$(HASTE) export edm2 $(CACHE) $(OUT)
 
 demo: preprocess train eval  ## the whole demo chain on CPU: preprocess -> train (Phase I -> II) -> eval

@@ -6,13 +6,17 @@
 Outputs under ``out`` (default ``<run_dir>/eval/<tag>``): ``samples.zarr`` (the store, see
 pipeline/metrics/sample_store.py), ``samples.npz`` (ADM evaluator layout), ``grid.png`` and
 ``metrics.json``. Rerunning the same command samples only the missing chunks; a finished store
-goes straight to the metrics.
+goes straight to the metrics. Everything the metrics need (Inception weights and their sha256,
+the reference) is checked before the first image is sampled; temp files a killed run left in
+``out`` are removed by the next run (rank 0). The one-line summary is the caller's to print
+(``haste eval`` prints it once, after the JSON result).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,11 +28,19 @@ import torch
 from tqdm import tqdm
 
 from pipeline import configs, dist
-from pipeline.cache.shards import atomic_write_json
+from pipeline.cache.shards import atomic_write_json, remove_stale_temps
 from pipeline.configs import ConfigError, check
 from pipeline.encoders.vae import DEFAULT_VAE, decode_latents, load_vae
+from pipeline.metrics.reference import load_reference
 from pipeline.metrics.sample_store import SampleStore, export_npz, npz_matches, open_store, write_grid
-from pipeline.metrics.scores import MetricsConfig, compute_metrics, summary_line
+from pipeline.metrics.scores import (
+    MetricsConfig,
+    MetricsError,
+    Preflight,
+    compute_metrics,
+    preflight,
+    summary_line,
+)
 from trainer import checkpoint
 from trainer.generate import LoadedModel, generate_latents, image_labels, image_seeds, load_model
 from trainer.models.sit import ModelConfig
@@ -190,6 +202,7 @@ def _sample_chunks(cfg: EvalConfig, store: SampleStore, pending: list[int], load
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Sample (resuming), export, and compute metrics; returns the summary dict (rank 0)."""
     d = dist.init(cfg.device)
+    checked = _metrics_preflight(cfg, d)  # before any sampling: a missing reference must not cost an hour
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
     ckpt = resolve_checkpoint(cfg)
@@ -200,6 +213,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     out = output_dir(cfg, ckpt, loaded.step)
     meta = store_meta(cfg, ckpt, loaded, (vae_name, vae_seed, scale, bias))
     if d.is_main:  # rank 0 creates (or validates and cleans) the store; the others open it after the barrier
+        _remove_temps(out)
         open_store(out / "samples.zarr", num_samples=cfg.num_samples, chunk=cfg.chunk_size, shape=(side, side, 3),
                    meta=meta, clean=True)
     dist.barrier()
@@ -221,12 +235,40 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if not d.is_main:
         return {}
     store.check_complete()
-    return _finish(cfg, store, out, ckpt, loaded, sampled, seconds)
+    return _finish(cfg, store, out, ckpt, loaded, sampled, seconds, checked)
+
+
+def _metrics_preflight(cfg: EvalConfig, d: dist.DistInfo) -> Preflight | None:
+    """Rank 0 checks the metrics inputs (it alone computes them); every rank stops if they are unusable."""
+    if not cfg.compute:
+        return None
+    checked, error = None, None
+    if d.is_main:
+        try:
+            ref = cfg.metrics.reference
+            synthetic = bool(ref and ref.startswith("synthetic:"))
+            if synthetic:  # generated after sampling; only its spec is checked now
+                parse_synthetic(ref)
+            checked = preflight(cfg.metrics, with_reference=not synthetic)
+        except Exception as e:  # noqa: BLE001 - re-raised below; the other ranks must not wait for rank 0 forever
+            error = e
+    if _sum_over_ranks(int(error is not None), d):
+        if error is not None:
+            raise error
+        raise MetricsError("rank 0 found the metrics inputs unusable before sampling (see its error)")
+    return checked
+
+
+def _remove_temps(out: Path) -> None:
+    """Temp files of a killed run in ``out`` (.samples.npz.tmp*, .grid.png.tmp*, ...): only this stage writes there."""
+    if out.is_dir():
+        for stale in remove_stale_temps(out):
+            log.info("removed %s left by an interrupted run", stale)
 
 
 def _finish(cfg: EvalConfig, store: SampleStore, out: Path, ckpt: Path, loaded: LoadedModel, sampled: int,
-            seconds: float) -> dict[str, Any]:
-    """Rank 0: grid, npz, metrics.json and the one-line summary."""
+            seconds: float, checked: Preflight | None) -> dict[str, Any]:
+    """Rank 0: grid, npz, metrics.json; the summary line is in the result (the CLI prints it once)."""
     grid = write_grid(store.images[:min(cfg.grid_count, store.num_samples)], out / "grid.png") \
         if cfg.grid_count else None
     npz = out / "samples.npz" if cfg.npz else None
@@ -241,16 +283,28 @@ def _finish(cfg: EvalConfig, store: SampleStore, out: Path, ckpt: Path, loaded: 
                      "images_per_s": round(sampled / seconds, 3) if sampled else None},
     }
     if cfg.compute:
+        assert checked is not None
         mcfg = cfg.metrics
         if mcfg.reference and mcfg.reference.startswith("synthetic:"):
             ref = synthetic_reference(mcfg.reference, loaded.model.cfg.num_classes, store.images.shape[1], out)
             mcfg = dataclasses.replace(mcfg, reference=str(ref))
-        metrics = compute_metrics(store.images, mcfg)
+            checked = dataclasses.replace(checked, reference=load_reference(ref))
+        metrics = compute_metrics(store.images, mcfg, progress=True, checked=checked)
         result["metrics"] = metrics
         result["summary"] = summary_line(metrics)
-        log.info("%s", result["summary"])
     atomic_write_json(out / "metrics.json", result)
     return result
+
+
+def parse_synthetic(spec: str) -> tuple[int, int]:
+    """``synthetic:<n>[:<seed>]`` -> (n, seed), or a ConfigError naming metrics.reference."""
+    parts = spec.split(":")
+    try:
+        n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+    except (IndexError, ValueError):
+        raise ConfigError(f"config field 'metrics.reference': {spec!r} is not synthetic:<n>[:<seed>]") from None
+    check(n >= 1 and len(parts) <= 3, "metrics.reference", f"{spec!r} is not synthetic:<n>[:<seed>] with n >= 1")
+    return n, seed
 
 
 def synthetic_reference(spec: str, num_classes: int, size: int, out: Path) -> Path:
@@ -264,16 +318,13 @@ def synthetic_reference(spec: str, num_classes: int, size: int, out: Path) -> Pa
     from pipeline.inputs.images import center_crop_adm
     from pipeline.inputs.synth import synth_image
 
-    parts = spec.split(":")
-    try:
-        n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
-    except (IndexError, ValueError):
-        raise ConfigError(f"config field 'metrics.reference': {spec!r} is not synthetic:<n>[:<seed>]") from None
+    n, seed = parse_synthetic(spec)
     path = out / f"reference-synthetic-{n}-{num_classes}cls-seed{seed}-{size}px.npz"
     if not path.is_file():
         images = np.stack([np.asarray(center_crop_adm(Image.fromarray(synth_image(i, num_classes, size, seed)[0]), size))
                            for i in range(n)])
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, arr_0=images)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # a killed run's is removed by the next (_remove_temps)
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=images)
         tmp.replace(path)
     return path

@@ -13,7 +13,7 @@ Teacher shards are written first; latents shard k then holds the same keys minus
 teacher pass had to skip, so the groups stay aligned. Like preprocess: atomic shards, progress
 records, manifests last; rerun the same command to resume, and a finished import is a no-op.
 
-Export writes a latents group as edm2's ``vae-sd/`` (what REPA/HASTE's official loaders read).
+Export (``stages.export_edm2``) writes a latents group back in edm2's layout.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,21 +31,17 @@ from tqdm import tqdm
 
 from pipeline import configs, dist
 from pipeline.cache import groups
-from pipeline.cache.reader import index_shard, open_cache, read_sample
-from pipeline.cache.schema import LATENTS, SD_VAE_SCALE, TEACHER, LatentSpec, decode_members
-from pipeline.cache.shards import atomic_write_bytes, atomic_write_json, remove_stale_temps
+from pipeline.cache.reader import open_cache
+from pipeline.cache.schema import LATENTS, SD_VAE_SCALE, TEACHER, LatentSpec
+from pipeline.cache.shards import atomic_write_json
 from pipeline.configs import ConfigError, check
 from pipeline.encoders import weights
 from pipeline.encoders.vae import RANDOM_PRESETS as VAE_PRESETS
 from pipeline.inputs.prepared import EDM2, REPAE, PreparedDataset, find_edm2_parts, open_edm2, open_repae
 from pipeline.inputs.prepared_formats import (
     check_moments_item,
-    edm2_moments_name,
-    labels_json,
-    npy_file,
     raise_problems,
     read_moments,
-    write_file,
 )
 from stages.preprocess import (
     GroupPlan,
@@ -87,7 +82,10 @@ def vae_scale(name: str) -> float:
     path = Path(name).expanduser()
     for cfg_file in (path / "config.json", path / "vae" / "config.json"):
         if cfg_file.is_file():
-            scale = json.loads(cfg_file.read_text()).get("scaling_factor")
+            try:
+                scale = json.loads(cfg_file.read_text()).get("scaling_factor")
+            except (ValueError, AttributeError, RecursionError) as e:
+                raise ConfigError(f"config field 'vae': {cfg_file} is not a JSON object ({e})") from None
             check(isinstance(scale, (int, float)), "vae", f"{cfg_file} has no numeric scaling_factor")
             return float(scale)
     raise ConfigError(f"config field 'vae': unknown VAE {name!r} (known: {', '.join(KNOWN_VAES)}, "
@@ -121,17 +119,6 @@ def load_import_config(fmt: str, src: str, vae: str, config_path: str | None, ov
     """``--config`` (its ``preprocess:`` section) + ``--set`` overrides + the import's own arguments."""
     pcfg = configs.load(PreprocessConfig, config_path, overrides, section="preprocess")
     return ImportConfig(fmt=fmt, src=src, vae=vae, preprocess=pcfg, **paths)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExportConfig:
-    cache: str                    # cache root
-    out: str                      # data dir: writes <out>/vae-sd/ (put images/ next to it for REPA/HASTE)
-    latents: str = ""             # latents group key (default: the newest run's)
-
-    def __post_init__(self) -> None:
-        check(bool(self.cache), "cache", "give the cache root")
-        check(bool(self.out), "out", "give the output directory")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,71 +268,3 @@ def _teacher_skips(teacher: GroupPlan | None, shard: int) -> tuple[tuple[str, st
     if rec is None:
         raise PreprocessError(f"{teacher.dir}: teacher shard {shard} is not complete; re-run the same command")
     return rec.skipped
-
-
-# ----------------------------------------------------------------------------------------------
-# Export: a latents group -> edm2's vae-sd/
-# ----------------------------------------------------------------------------------------------
-
-EXPORT_MARKER = "haste-export.json"
-
-
-def run_export(cfg: ExportConfig) -> dict:
-    """Write ``<out>/vae-sd/`` (fp32 ``img-mean-std-XXXXXXXX.npy`` + dataset.json), in cache order.
-
-    dataset.json is written last: without it the export is incomplete and a rerun finishes it
-    (files already present at their exact size are kept).
-    """
-    cache = open_cache(cfg.cache, latents=cfg.latents or None, need_teacher=False)
-    m, out = cache.latents, Path(cfg.out) / "vae-sd"
-    if m.spec.channels != 4:
-        raise PreprocessError(f"latents group {m.key} has {m.spec.channels} latent channels; edm2's vae-sd holds 8 "
-                              "moment channels (4 latent channels)")
-    marker = {"format": "edm2", "cache": str(Path(cfg.cache).resolve()), "latents": m.key,
-              "num_samples": m.num_samples, "vae": m.identity.get("vae"), "scale": m.spec.scale, "bias": m.spec.bias}
-    done = _export_state(out, marker)
-    if done:
-        log.info("export is complete, nothing to do: %s", out)
-        return {"status": "up-to-date", "out": str(out), "samples": m.num_samples}
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [s for folder in [out, *out.glob("[0-9]*")] for s in remove_stale_temps(folder)]:
-        log.info("removed %s left by an interrupted export", stale)
-    atomic_write_json(out / EXPORT_MARKER, {**marker, "complete": False})
-    labels, keys = _export_moments(cache, out)
-    os.sync()  # every npy is on disk before the completion marker (per-file writes skip fsync)
-    atomic_write_json(out / EXPORT_MARKER, {**marker, "complete": True, "keys": keys})
-    atomic_write_bytes(out / "dataset.json", labels_json(labels))
-    return {"status": "built", "out": str(out), "samples": len(labels)}
-
-
-def _export_state(out: Path, marker: dict) -> bool:
-    """True when ``out`` holds this very export, complete; raise when it holds another one."""
-    path = out / EXPORT_MARKER
-    if not path.is_file():
-        if out.exists() and any(out.iterdir()):
-            raise PreprocessError(f"{out} exists and is not an export of this cache; choose an empty directory")
-        return False
-    old = json.loads(path.read_text())
-    if (old.get("cache"), old.get("latents")) != (marker["cache"], marker["latents"]):
-        raise PreprocessError(f"{out} holds an export of latents group {old.get('latents')} of {old.get('cache')}; "
-                              "choose another directory")
-    return bool(old.get("complete")) and (out / "dataset.json").is_file()
-
-
-def _export_moments(cache, out: Path) -> tuple[list[tuple[str, int]], list[list[str]]]:
-    m = cache.latents
-    labels: list[tuple[str, int]] = []
-    keys: list[list[str]] = []
-    with tqdm(total=m.num_samples, unit="file", desc="export vae-sd") as bar:
-        for shard in range(len(m.shards)):
-            path = cache.shard_path(LATENTS, shard)
-            for entry in index_shard(path):
-                sample = decode_members(LATENTS, m.spec, read_sample(path, entry), where=f"{path}:{entry[0]}")
-                name = edm2_moments_name(len(labels))
-                data = npy_file(sample["moments"].astype(np.float32))
-                if not ((out / name).is_file() and (out / name).stat().st_size == len(data)):
-                    write_file(out, name, data)
-                labels.append((name, sample["label"]))
-                keys.append([name, entry[0]])
-                bar.update(1)
-    return labels, keys

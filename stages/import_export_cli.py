@@ -2,7 +2,7 @@
 
     haste import edm2 data/ --vae stabilityai/sd-vae-ft-ema --config C --set out=cache
     haste import repae data/ --vae stabilityai/sd-vae-ft-ema --latents-name sdvae --set out=cache
-    haste export edm2 cache/ out/          # writes out/vae-sd/ (edm2 encode's layout)
+    haste export edm2 cache/ out/          # writes out/images/ + out/vae-sd/ (edm2 convert + encode)
 
 Teacher, shard size, dtypes, workers and the cache root come from the ``preprocess:`` section of
 ``--config`` plus ``--set`` overrides, exactly as for ``haste preprocess``.
@@ -76,9 +76,16 @@ def import_repae(src: str, vae: str, latents_name: str, config_path: str | None,
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--latents", default="", help="latents group key (default: the newest run's).")
-def export_edm2(cache: str, out: str, latents: str) -> None:
-    """Write a latents group as OUT/vae-sd/ (fp32 img-mean-std-*.npy + dataset.json, edm2 encode's layout)."""
-    from stages.import_export import ExportConfig, run_export
+@click.option("--source", default="", metavar="PATH",
+              help="the dataset preprocess read, if it moved (default: the location in the manifest).")
+@click.option("--images/--no-images", default=True, show_default=True,
+              help="also write OUT/images/ (re-cropped from the source, exactly as preprocess did).")
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
+              help="processes reading shards and writing files.")
+def export_edm2(cache: str, out: str, latents: str, source: str, images: bool, workers: int) -> None:
+    """Write OUT/images/ + OUT/vae-sd/ as edm2's dataset_tool.py convert + encode would (sorted source order)."""
+    from stages.export_edm2 import ExportConfig, run_export
 
-    cfg = run_guarded(ExportConfig, cache=cache, out=out, latents=latents)
+    cfg = run_guarded(ExportConfig, cache=cache, out=out, latents=latents, source=source, images=images,
+                      num_workers=workers)
     click.echo(json.dumps(run_guarded(run_export, cfg), indent=2))

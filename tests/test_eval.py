@@ -131,7 +131,7 @@ def test_killed_run_resumes_to_the_uninterrupted_store(trained_run: Path, tmp_pa
 
     assert list(zarr.open_group(str(out / "samples.zarr"), mode="r")["done"][:]) == [1, 0, 0]
     assert not (out / "samples.npz").exists() and not (out / "metrics.json").exists()
-    (out / "samples.zarr" / "images" / "c" / "0.a1b2.partial").write_bytes(b"x")   # zarr's temp from a kill
+    (out / "samples.zarr" / "images" / "0.0.0.0.a1b2.partial").write_bytes(b"x")   # zarr's temp from a kill
     result = run(eval_cfg(trained_run, out))
     assert result["sampling"]["images"] == 6                           # chunks 1 and 2 only
     assert np.array_equal(images(out), images(ref_out))
@@ -241,7 +241,7 @@ def test_config_errors_name_the_field(trained_run: Path) -> None:
     assert (cfg.sampler.mode, cfg.sampler.num_steps, cfg.sampler.cfg_scale, cfg.sampler.guidance_high) == \
         ("sde", 250, 1.65, 0.72)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        run(load_eval_config(None, (f"run_dir={trained_run / 'nothing'}", "device=cpu")))
+        run(load_eval_config(None, (f"run_dir={trained_run / 'nothing'}", "device=cpu", "compute=false")))
 
 
 def test_cli_eval(trained_run: Path, tmp_path: Path) -> None:
@@ -252,7 +252,7 @@ def test_cli_eval(trained_run: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["num_samples"] == 4
-    bad = CliRunner().invoke(cli, ["eval", "--set", f"checkpoint={tmp_path / 'missing.pt'}"])
+    bad = CliRunner().invoke(cli, ["eval", "--set", f"checkpoint={tmp_path / 'missing.pt'}", "--set", "compute=false"])
     assert bad.exit_code == 1 and "checkpoint not found" in bad.output and "Traceback" not in bad.output
 
 

@@ -32,7 +32,8 @@ from pipeline.inputs.prepared import open_repae
 from pipeline.inputs.prepared_formats import PreparedFormatError
 from stages import import_export as foreign
 from stages.cli import main as cli
-from stages.import_export import ExportConfig, ImportConfig, run_export, run_import
+from stages.export_edm2 import ExportConfig, run_export
+from stages.import_export import ImportConfig, run_import
 
 RES, COUNT, CLASSES = 32, 10, 3
 VAE = "stabilityai/sd-vae-ft-ema"
@@ -385,19 +386,22 @@ def test_repae_missing_key_list_and_label(items, tmp_path):
 def test_export_then_reimport_round_trip(edm2_import, items, tmp_path):
     src, root = edm2_import
     out = tmp_path / "exported"
-    assert run_export(ExportConfig(cache=str(root), out=str(out)))["status"] == "built"
+    result = run_export(ExportConfig(cache=str(root), out=str(out), num_workers=0))
+    assert result["status"] == "built" and result["images"] is True
     vae_sd = out / "vae-sd"
     meta = json.loads((vae_sd / "dataset.json").read_text())
     assert meta["labels"] == [[names(i)[1], lab] for i, (_, lab, _) in enumerate(items)]
-    for i, (_, _, mom) in enumerate(items):
+    assert json.loads((out / "images" / "dataset.json").read_text())["labels"] == \
+        [[names(i)[0], lab] for i, (_, lab, _) in enumerate(items)]
+    for i, (img, _, mom) in enumerate(items):
         arr = np.load(vae_sd / names(i)[1], allow_pickle=False)
         assert arr.dtype == np.float32 and arr.shape == (8, RES // 8, RES // 8)
         np.testing.assert_array_equal(arr, mom.astype(np.float16).astype(np.float32))
+        assert (out / "images" / names(i)[0]).read_bytes() == png_bytes(img)   # edm2 convert's exact bytes
     before = all_files(out)
     assert run_export(ExportConfig(cache=str(root), out=str(out)))["status"] == "up-to-date"
     assert all_files(out) == before
-    (out / "images").symlink_to(src / "images")  # the official layout: images/ next to vae-sd/
-    run_import(import_cfg(out, tmp_path / "cache2", teacher="none"))
+    run_import(import_cfg(out, tmp_path / "cache2", teacher="none"))         # images/ + vae-sd/ as exported
     assert shard_hashes(tmp_path / "cache2", LATENTS) == shard_hashes(root, LATENTS)
 
 
@@ -407,3 +411,4 @@ def test_export_refuses_a_foreign_directory(edm2_import, tmp_path):
     (tmp_path / "out" / "vae-sd" / "notes.txt").write_text("mine")
     with pytest.raises(RuntimeError, match="not an export of this cache"):
         run_export(ExportConfig(cache=str(root), out=str(tmp_path / "out")))
+    assert (tmp_path / "out" / "vae-sd" / "notes.txt").read_text() == "mine"

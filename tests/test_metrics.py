@@ -7,6 +7,8 @@ the 2048-d covariances cost ~2 s instead of ~20 s.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -358,10 +360,15 @@ def test_offline_inception_without_weights_says_where_to_put_them(tmp_path, monk
 
 
 def test_unloadable_inception_weights_give_a_clear_error(tmp_path, refs):
+    import hashlib
+
     (tmp_path / "w.pth").write_bytes(b"not a checkpoint")
     cfg = MetricsConfig(reference=refs["stats"], metrics=("fid",), inception_weights=str(tmp_path / "w.pth"))
-    with pytest.raises(MetricsError, match="could not load Inception weights"):
+    with pytest.raises(MetricsError, match="w.pth have sha256 .*expected 6726825d"):   # checked first
         compute_metrics(_Untouchable(), cfg)
+    sha = hashlib.sha256(b"not a checkpoint").hexdigest()
+    with pytest.raises(MetricsError, match="could not load Inception weights"):
+        compute_metrics(_Untouchable(), dataclasses.replace(cfg, inception_sha256=sha[:12]))
 
 
 def test_fd_dinov2_is_skipped_with_reason_offline(tmp_path, monkeypatch, shapes, refs):
@@ -383,7 +390,7 @@ def test_reference_features_are_cached(tmp_path, monkeypatch, shapes, noise, ref
     first = compute_metrics(noise, cfg)
     second = compute_metrics(noise, cfg)
     assert len(calls) == 3                                # samples twice, reference once
-    assert list((tmp_path / "cache").glob(f"images.npz-*-{RANDOM_EXTRACTOR}-seed0-features-2048.pt"))
+    assert list((tmp_path / "cache").glob(f"images.npz-*-{RANDOM_EXTRACTOR}-seed0-2048.features.npy"))
     assert first["kid_mean"] == second["kid_mean"]
 
 

@@ -73,31 +73,75 @@ def _fields(overrides: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in overrides.items() if k != "preset"}
 
 
+EXPECTED = ("an EMA export (ema-*.pt), a training checkpoint (step-*.pt with its .json sidecar) or an official "
+            "HASTE/REPA checkpoint (.pt with 'ema' and 'args')")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """``checkpoint.load`` (weights_only=True) with every parse failure as one line naming the file."""
+    try:
+        ckpt = checkpoint.load(path)
+    except RuntimeError as e:  # already one line naming the file
+        why = str(e)
+        if "Weights only load failed" in why:  # torch's advice to retry unsafely, not the reason
+            why = (f"cannot load checkpoint {path}: not a torch.save file of tensors and plain containers "
+                   "(refused by weights_only=True)")
+        raise RuntimeError(f"{why}; expected {EXPECTED}") from None
+    except Exception as e:  # noqa: BLE001 - torch's parser raises KeyError/ValueError/... on non-torch bytes
+        raise RuntimeError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e}); expected {EXPECTED}"
+                           ) from None
+    if not isinstance(ckpt, dict):
+        raise RuntimeError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; expected {EXPECTED}")
+    return ckpt
+
+
+def _config(path: Path, fields: Any, overrides: dict[str, Any], where: str) -> ModelConfig:
+    if not isinstance(fields, dict):
+        raise RuntimeError(f"{path}: {where} is a {type(fields).__name__}, not a mapping of ModelConfig fields")
+    try:
+        return ModelConfig(**{**fields, **_fields(overrides), "z_dim": 0})
+    except (TypeError, ValueError) as e:
+        raise RuntimeError(f"{path}: {where} does not describe a SiT ({e})") from None
+
+
+def _interpret(path: Path, ckpt: dict[str, Any], overrides: dict[str, Any]):
+    """(source, ModelConfig, latents record, ckpt) of one of the formats eval reads, else one clear error."""
+    if "model_config" in ckpt:
+        return "ema-export", _config(path, ckpt["model_config"], overrides, "'model_config'"), ckpt.get("latents"), ckpt
+    if path.with_suffix(".json").is_file() and "train_state" in ckpt:
+        try:
+            meta = checkpoint.load_meta(path)
+            fields = meta["config"]["model"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RuntimeError(f"{path.with_suffix('.json')}: not the sidecar of a training checkpoint "
+                               f"({type(e).__name__}: {e}; expected config.model)") from None
+        return "checkpoint", _config(path, fields, overrides, "the sidecar's config.model"), meta.get("latents"), ckpt
+    if "args" in ckpt or "preset" in overrides:  # official file, or any file whose net the config describes
+        cfg = _official_config(ckpt.get("args"), overrides)
+        if "ema" not in ckpt and "model" not in ckpt:
+            ckpt = {"ema": ckpt}  # a bare state dict
+        return "official", cfg, None, ckpt
+    raise RuntimeError(f"{path}: not {EXPECTED} (no 'model_config', sidecar or 'args'); for a bare state dict "
+                       "set eval.model.preset")
+
+
 def load_model(path: str | Path, overrides: dict[str, Any] | None = None,
                device: torch.device | str = "cpu") -> LoadedModel:
     """The EMA weights of our ema export, our full checkpoint, or an official HASTE/REPA file.
 
     Projector weights are dropped (sampling never uses them), so official files load whatever
-    their ``--projector-embed-dims`` (SPEC §5.4's strict-load trap does not apply).
+    their ``--projector-embed-dims`` (SPEC §5.4's strict-load trap does not apply). Any other
+    file is one RuntimeError naming it and what was expected.
     """
     path, overrides = Path(path), dict(overrides or {})
-    ckpt = checkpoint.load(path)
-    if "model_config" in ckpt:
-        source, cfg = "ema-export", ModelConfig(**{**ckpt["model_config"], **_fields(overrides), "z_dim": 0})
-        latents = ckpt.get("latents")
-    elif path.with_suffix(".json").is_file() and "train_state" in ckpt:
-        meta = checkpoint.load_meta(path)
-        source, cfg = "checkpoint", ModelConfig(**{**meta["config"]["model"], **_fields(overrides), "z_dim": 0})
-        latents = meta.get("latents")
-    elif "args" in ckpt or "preset" in overrides:  # official file, or any file whose net the config describes
-        source, cfg, latents = "official", _official_config(ckpt.get("args"), overrides), None
-        if "ema" not in ckpt and "model" not in ckpt:
-            ckpt = {"ema": ckpt}  # a bare state dict
-    else:
-        raise RuntimeError(f"{path}: not an EMA export, a checkpoint with its .json sidecar, or an official "
-                           "HASTE/REPA checkpoint (no 'model_config', sidecar or 'args'); for a bare state dict "
-                           "set eval.model.preset")
-    state = {k: v for k, v in checkpoint.model_state_for_inference(ckpt).items() if not k.startswith("projectors.")}
+    source, cfg, latents, ckpt = _interpret(path, _read(path), overrides)
+    try:
+        state = checkpoint.model_state_for_inference(ckpt)
+    except RuntimeError as e:
+        raise RuntimeError(f"{path}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RuntimeError(f"{path}: its weights entry is a {type(state).__name__}, not a state dict of tensors")
+    state = {k: v for k, v in state.items() if not k.startswith("projectors.")}
     model = SiT(cfg)
     try:
         model.load_state_dict(state, strict=True)

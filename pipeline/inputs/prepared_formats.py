@@ -38,6 +38,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
@@ -49,6 +50,9 @@ from pipeline.inputs.images import IMAGE_EXTENSIONS
 LABELS_JSON = "dataset.json"
 MOMENT_CHANNELS = 8            # SD-VAE: 4 latent channels, mean ++ std
 MAX_LISTED = 8                 # problems named in one error message
+# One item (an image, a moments array, a dataset.json) is read whole into memory: refuse more than
+# this rather than follow a link to /dev/zero or a zip/HDF5 entry that claims gigabytes.
+MAX_ITEM_BYTES = 1 << 30
 
 
 class PreparedFormatError(ValueError):
@@ -103,10 +107,19 @@ class Store:
         return f"{self.path}/{name}" if self.kind == "folder" else f"{self.path}:{name}"
 
 
+def _too_big(where: str, size: int) -> None:
+    if size > MAX_ITEM_BYTES:
+        raise PreparedFormatError(f"{where}: {size} bytes, more than the {MAX_ITEM_BYTES} one item may hold")
+
+
 class FolderStore(Store):
     kind = "folder"
 
     def open(self, name: str) -> BinaryIO:
+        st = os.stat(self.path / name)  # follows links: what would be read
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would hang, /dev/zero never ends
+            raise PreparedFormatError(f"{self.where(name)}: not a regular file")
+        _too_big(self.where(name), st.st_size)
         return open(self.path / name, "rb")
 
     def exists(self, name: str) -> bool:
@@ -121,9 +134,11 @@ class ZipStore(Store):
 
     def open(self, name: str) -> BinaryIO:
         try:
-            return self.handle().open(name)
+            info = self.handle().getinfo(name)
         except KeyError:
             raise FileNotFoundError(f"{self.where(name)} not found") from None
+        _too_big(self.where(name), info.file_size)  # zipfile reads no more than the declared size
+        return self.handle().open(info)
 
     def exists(self, name: str) -> bool:
         return name in self.handle().NameToInfo
@@ -142,9 +157,15 @@ class H5Store(Store):
     def _dataset(self, name: str):
         import h5py
 
+        link = self.handle().get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):  # would open another file the dataset's author chose
+            raise PreparedFormatError(f"{self.where(name)}: an external link; refused")
         obj = self.handle().get(name)
         if not isinstance(obj, h5py.Dataset):
             raise FileNotFoundError(f"{self.where(name)} not found (no such dataset)")
+        if obj.external or obj.is_virtual:  # raw data in other files (any path on this machine)
+            raise PreparedFormatError(f"{self.where(name)}: stored in external files; refused")
+        _too_big(self.where(name), obj.size * obj.dtype.itemsize)
         return obj
 
     def read(self, name: str) -> bytes:
@@ -186,7 +207,7 @@ def read_labels(store: Store) -> dict[str, int]:
         raise PreparedFormatError(f"{where} not found: an edm2-style dataset lists its files and labels there")
     try:
         labels = json.loads(store.read(LABELS_JSON).decode("utf-8")).get("labels")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError) as e:
         raise PreparedFormatError(f"{where} is not a JSON object with 'labels' ({e})") from None
     if labels is None:
         raise PreparedFormatError(f"{where} has no labels (\"labels\": null); the cache stores a class per sample")
@@ -197,6 +218,8 @@ def read_labels(store: Store) -> dict[str, int]:
             raise PreparedFormatError(f"{where}: entry {entry!r} is not [name, class index]")
         if entry[0] in out:
             raise PreparedFormatError(f"{where}: {entry[0]!r} is listed twice")
+        if entry[0].startswith("/") or ".." in entry[0].split("/") or "\\" in entry[0]:
+            raise PreparedFormatError(f"{where}: {entry[0]!r} is not a relative path inside the dataset")
         out[entry[0]] = entry[1]
     return out
 
@@ -207,7 +230,7 @@ def read_key_list(path: Path) -> list[str]:
         raise PreparedFormatError(f"{path} not found: REPA-E writes the key list of {path.name[:-8]}.h5 there")
     try:
         keys = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise PreparedFormatError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise PreparedFormatError(f"{path} must be a JSON list of names")
@@ -297,6 +320,12 @@ def edm2_moments_name(index: int) -> str:
     """Exactly edm2 ``encode``'s member name: ``{idx[:5]}/img-mean-std-{idx:08d}.npy``."""
     s = f"{index:08d}"
     return f"{s[:5]}/img-mean-std-{s}.npy"
+
+
+def edm2_image_name(index: int) -> str:
+    """Exactly edm2 ``convert``'s member name: ``{idx[:5]}/img{idx:08d}.png``."""
+    s = f"{index:08d}"
+    return f"{s[:5]}/img{s}.png"
 
 
 def npy_file(arr: np.ndarray) -> bytes:

@@ -1,6 +1,8 @@
 """Evaluation: scores, the feature extractors behind them, and the sample store they read.
 
-    scores          ``compute_metrics``: FID (vs reference mu/sigma), IS, P/R, KID, FD-DINOv2
-    extractors      torch-fidelity extractors, offline weights checks, reference npz loading
-    sample_store    the resumable zarr store of generated samples, npz export, contact sheets
+    scores          ``compute_metrics``: FID (vs reference mu/sigma), IS, P/R, KID, FD-DINOv2; ``preflight``
+    extractors      torch-fidelity extractors, weights read as plain tensors (sha256 checked), offline checks
+    reference       reference batches: ADM-style .npz (never unpickled) or image folders
+    feature_cache   reference features cached as plain .npy (never torch-fidelity's pickled .pt cache)
+    sample_store    the resumable zarr (format 2) store of generated samples, npz export, contact sheets
 """

@@ -1,44 +1,43 @@
-"""What goes into the metrics: feature extractors, their weights, samples and reference batches.
+"""What goes into the metrics: feature extractors, their weights, and the samples as a Dataset.
 
 Built on torch-fidelity 0.4 (SPEC §10-11); ``pipeline.metrics.scores`` computes the numbers. This module owns:
   * ``RandomInitConvNet``: a labelled, seeded random-init extractor registered with torch-fidelity
     under ``RANDOM_EXTRACTOR``. It exposes the feature names of ``inception-v3-compat`` so every code
     path is the same, works offline and is cheap on CPU. Its numbers are NOT comparable to anything
     published; results computed with it carry ``RANDOM_LABEL``.
-  * Weight resolution that fails fast and clearly offline: ``inception_weights_path`` checks for the
-    file itself (torch-fidelity would otherwise try a GitHub download deep inside a constructor),
-    ``dinov2_unavailable_reason`` says why FD-DINOv2 cannot run.
+  * Weights that fail fast and never run code: ``inception_weights_path`` checks for the file itself
+    (torch-fidelity would otherwise try a GitHub download deep inside a constructor),
+    ``check_sha256`` refuses weights other than the expected ones, ``load_tensors`` reads a weights
+    file as plain tensors (safetensors, or ``torch.load(weights_only=True)``), and
+    ``build_extractor`` hands torch-fidelity those tensors, never the file (its own loader
+    unpickles with ``weights_only=False``). ``dinov2_unavailable_reason`` says why FD-DINOv2
+    cannot run; ``check_dinov2_checkpoint`` reads that checkpoint as plain tensors first.
   * ``ImageArrayDataset``: a lazy (N, H, W, 3) uint8 array (numpy, memmap, zarr) as the torch Dataset
     of uint8 CHW tensors that torch-fidelity accepts, reading one block of rows at a time.
-  * ``extract_features``: one pass of one extractor over a dataset, via torch-fidelity's own loop.
-  * ``Reference`` / ``load_reference``: ADM-style .npz (``mu``/``sigma`` and/or ``arr_0``) or an image
-    folder, validated, never unpickled, ``arr_0`` memory-mapped when stored uncompressed.
+  * ``extract_features``: one pass of one extractor over a dataset, with an optional progress bar.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import logging
-import os
-import pickle
-import re
-import struct
+import multiprocessing
 import time
-import zipfile
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
-from torch_fidelity.datasets import ImagesPathDataset
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset, glob_samples_paths
+from torch_fidelity.utils import create_feature_extractor
+from tqdm import tqdm
+
+from pipeline.cache.shards import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +175,45 @@ def inception_weights_path(explicit: str | None) -> Path:
     return path
 
 
+def check_sha256(path: Path, expected_prefix: str) -> str:
+    """sha256 of ``path``; a MetricsError unless it starts with ``expected_prefix`` (torch hub's naming)."""
+    sha = file_sha256(path)
+    if not sha.startswith(expected_prefix.lower()):
+        raise MetricsError(
+            f"Inception weights {path} have sha256 {sha[:16]}..., expected {expected_prefix}... (torch-fidelity's "
+            f"{INCEPTION_WEIGHTS_FILE}); replace the file, or set metrics.inception_sha256={sha[:16]} to use "
+            "these weights on purpose (numbers then do not match the ADM evaluator)")
+    return sha
+
+
+def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A weights file as {name: tensor}: safetensors, or ``torch.load(weights_only=True)`` (no code runs)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: any parser error means "not a weights file"
+        raise MetricsError(f"could not load {what} from {path}: {type(e).__name__}: {_load_reason(e)} (only "
+                           "plain tensors are read: safetensors or torch.save of a state dict)") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise MetricsError(f"could not load {what} from {path}: not a state dict of tensors "
+                           f"(got {type(state).__name__})")
+    return state
+
+
+def _load_reason(e: Exception) -> str:
+    """The line of a torch.load error that says why (not torch's advice to retry with weights_only=False)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    why = next((ln for ln in lines if "unsupported" in ln.lower() or "blocked" in ln.lower()), None)
+    if why is None and lines and lines[0].startswith("Weights only load failed"):
+        why = "holds objects other than tensors (refused by weights_only=True)"
+    return (why or (lines[0] if lines else type(e).__name__))[:300]
+
+
 def dinov2_unavailable_reason() -> str | None:
     """Why torch-fidelity's ``dinov2-vit-l-14`` cannot load offline, or None when its hub cache is populated.
 
@@ -191,20 +229,40 @@ def dinov2_unavailable_reason() -> str | None:
     return f"{DINOV2} weights unavailable offline (missing {' and '.join(missing)})" if missing else None
 
 
+def check_dinov2_checkpoint() -> None:
+    """Read the hub's DINOv2 checkpoint as plain tensors before torch.hub unpickles it (weights_only=False).
+
+    (torch.hub.load also runs the hub repo's own Python code: keep $TORCH_HOME/hub as trusted as
+    site-packages.)
+    """
+    load_tensors(hub_dir() / "checkpoints" / DINOV2_CHECKPOINT, f"{DINOV2} weights")
+
+
 def build_extractor(name: str, features: Sequence[str], *, device: str,
                     inception_weights: Path | None = None) -> FeatureExtractorBase:
-    """torch-fidelity's ``create_feature_extractor`` with our registration and clear load errors."""
+    """torch-fidelity's ``create_feature_extractor`` with our registration and weights read as plain tensors.
+
+    torch-fidelity's Inception constructor calls ``torch.load(path, weights_only=False)``: a hostile
+    file would run code there. So the file is read here with ``load_tensors`` and the constructor
+    gets an in-memory copy of those tensors (``torch.load`` accepts a file object).
+    """
     ensure_registered()
     kwargs: dict[str, Any] = {"verbose": False}
     if name == INCEPTION:
-        kwargs["feature_extractor_weights_path"] = str(inception_weights)  # never the URL download
+        if inception_weights is None:
+            raise MetricsError(f"{INCEPTION} needs a weights file (never the URL download)")
+        buf = io.BytesIO()
+        torch.save(load_tensors(inception_weights, "Inception weights"), buf)
+        buf.seek(0)
+        kwargs["feature_extractor_weights_path"] = buf
     try:
         with _cuda_device(device):
             return create_feature_extractor(name, list(features), cuda=device.startswith("cuda"), **kwargs)
-    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
+    except (RuntimeError, KeyError) as e:
         if name != INCEPTION:
             raise
-        raise MetricsError(f"could not load Inception weights from {inception_weights}: {e}. Is it "
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MetricsError(f"could not load Inception weights from {inception_weights}: {first[:300]}. Is it "
                            f"torch-fidelity's {INCEPTION_WEIGHTS_FILE}?") from None
 
 
@@ -269,129 +327,28 @@ def as_dataset(images: Any, block_rows: int) -> Dataset:
 
 
 def extract_features(extractor: FeatureExtractorBase, data: Dataset, *, batch_size: int, device: str,
-                     save_cpu_ram: bool) -> dict[str, torch.Tensor]:
-    """{feature name: (N, D) float32 CPU tensor} from one pass over ``data`` (torch-fidelity's loop)."""
+                     save_cpu_ram: bool, progress: bool = False) -> dict[str, torch.Tensor]:
+    """{feature name: (N, D) float32 CPU tensor} from one pass over ``data``.
+
+    torch-fidelity's ``get_featuresdict_from_dataset`` loop (same loader workers: none with
+    ``save_cpu_ram``, else min(4, 2 x cores)), with a tqdm bar (rate, ETA) when ``progress``.
+    """
     t0 = time.perf_counter()
-    with _cuda_device(device):
-        feats = get_featuresdict_from_dataset(data, extractor, batch_size, device.startswith("cuda"),
-                                              save_cpu_ram, False)
+    cuda = device.startswith("cuda")
+    workers = 0 if save_cpu_ram else min(4, 2 * multiprocessing.cpu_count())
+    loader = DataLoader(data, batch_size=min(batch_size, len(data)), drop_last=False, num_workers=workers,
+                        pin_memory=cuda)
+    parts: dict[str, list[torch.Tensor]] = {}
+    bar = tqdm(total=len(data), unit="img", desc=f"features {extractor.get_name()}", disable=not progress,
+               dynamic_ncols=True)
+    with _cuda_device(device), torch.no_grad(), bar:
+        for batch in loader:
+            out = extractor.convert_features_tuple_to_dict(extractor(batch.cuda(non_blocking=True) if cuda else batch))
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v.cpu())
+            bar.update(len(batch))
+    feats = {k: torch.cat(v) for k, v in parts.items()}
     dt = time.perf_counter() - t0
     log.info("%s features of %d images in %.1f s (%.1f img/s)", extractor.get_name(), len(data), dt,
              len(data) / max(dt, 1e-9))
     return feats
-
-
-# Reference batches
-
-
-@dataclass(frozen=True, eq=False)
-class Reference:
-    """FID statistics and/or images to compare samples against; ``load_reference`` builds one."""
-
-    path: str
-    mu: np.ndarray | None = None      # (D,) float64
-    sigma: np.ndarray | None = None   # (D, D) float64
-    images: Any = None                # (N, H, W, 3) uint8 array-like (memmap when possible) or a Dataset
-
-    @property
-    def name(self) -> str:
-        return Path(self.path).name
-
-    @property
-    def num_images(self) -> int:
-        return 0 if self.images is None else len(self.images)
-
-    def cache_key(self) -> str:
-        """File name + a hash of path, size and mtime of every file behind the reference."""
-        files = getattr(self.images, "files", None) or [self.path]   # an image folder lists its files
-        h = hashlib.sha256()
-        for f in files:
-            st = os.stat(f)
-            h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        return f"{re.sub(r'[^A-Za-z0-9._-]', '_', self.name)}-{h.hexdigest()[:16]}"
-
-
-def load_reference(path: str | Path) -> Reference:
-    """Image folder, or .npz with ``mu``+``sigma`` (statistics) and/or ``arr_0`` (uint8 NHWC images).
-
-    Never unpickles (``allow_pickle=False``). ``arr_0`` is memory-mapped when stored uncompressed
-    (``np.savez``, as ADM's 2 GB reference batch is), so loading is cheap and rows are read lazily.
-    """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        files = glob_samples_paths(str(p), True, "png,jpg,jpeg", verbose=False)
-        if not files:
-            raise MetricsError(f"reference folder {p} holds no .png/.jpg/.jpeg images")
-        return Reference(str(p), images=ImagesPathDataset(files))
-    if not p.is_file():
-        raise MetricsError(f"reference {p} not found (expected an .npz or an image folder)")
-    try:
-        npz = np.load(p, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise MetricsError(f"reference {p} is not a readable .npz: {e}") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise MetricsError(f"reference {p} is a single array, not an .npz with 'mu'/'sigma' or 'arr_0'")
-    with npz:
-        keys = set(npz.files)
-        mu, sigma = _load_stats(npz, p) if keys & {"mu", "sigma"} else (None, None)
-        images = _load_images(npz, p) if "arr_0" in keys else None
-    if mu is None and images is None:
-        raise MetricsError(f"reference {p} has neither 'mu'+'sigma' (FID statistics) nor 'arr_0' (images); "
-                           f"keys: {sorted(keys)}")
-    return Reference(str(p), mu=mu, sigma=sigma, images=images)
-
-
-def _member(npz: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
-    try:
-        return npz[key]
-    except ValueError as e:  # numpy's "Object arrays cannot be loaded when allow_pickle=False"
-        raise MetricsError(f"reference {path}: key '{key}' is a pickled object array; refusing to load it "
-                           f"({e})") from None
-
-
-def _load_stats(npz: np.lib.npyio.NpzFile, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    for key in ("mu", "sigma"):
-        if key not in npz.files:
-            raise MetricsError(f"reference {path}: missing key '{key}' (FID statistics need both 'mu' and "
-                               f"'sigma'); keys: {sorted(npz.files)}")
-    mu, sigma = (_member(npz, path, k).astype(np.float64) for k in ("mu", "sigma"))
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise MetricsError(f"reference {path}: 'mu' must be (D,) and 'sigma' (D, D); got {mu.shape} and "
-                           f"{sigma.shape}")
-    return mu, sigma
-
-
-def _load_images(npz: np.lib.npyio.NpzFile, path: Path) -> np.ndarray:
-    images = _npz_memmap(path, "arr_0")
-    if images is None:
-        log.info("reference %s: 'arr_0' is compressed; loading it into memory", path)
-        images = _member(npz, path, "arr_0")
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise MetricsError(f"reference {path}: 'arr_0' must be uint8 (N, H, W, 3) images; got "
-                           f"{images.dtype} {images.shape}")
-    return images
-
-
-def _npz_memmap(path: Path, key: str) -> np.ndarray | None:
-    """Memory-map an uncompressed .npz member; None when it is compressed (then np.load reads it)."""
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo(f"{key}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)  # zip local file header: the data follows its name and extra field
-        if local[:4] != b"PK\x03\x04":
-            return None
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            return None
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
-    if dtype.hasobject:
-        raise MetricsError(f"reference {path}: key '{key}' is a pickled object array; refusing to load it")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")

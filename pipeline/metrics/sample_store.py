@@ -1,11 +1,16 @@
 """The sample store of `haste eval`: a zarr group that fills chunk by chunk and resumes.
 
-    samples.zarr/
-      images  uint8  (N, H, W, 3)  chunks (chunk, H, W, 3), uncompressed (sampled pixels barely compress)
+    samples.zarr/                  zarr format 2 (.zgroup/.zarray/.zattrs), no compressor, no filters
+      images  uint8  (N, H, W, 3)  chunks (chunk, H, W, 3) (sampled pixels barely compress)
       labels  int64  (N,)          class of each image
       seeds   uint32 (N,)          the per-image seed its noise came from
       done    uint8  (num_chunks,) chunk size 1: 1 once a chunk's images, labels and seeds are written
       attrs["haste"]               what produced the store (checkpoint, sampler, seed, ...)
+
+Format 2 because zarr-python 2 cannot open format 3 (``GroupNotFoundError``) while zarr 3 reads
+both; without a compressor every chunk file is the raw C-order bytes (``np.frombuffer`` reads it).
+Stores written in format 3 by earlier versions still resume. An existing store is opened only
+when its arrays have our dtypes and plain data codecs (numcodecs' pickle codec would run code).
 
 Chunk c holds images [c·chunk, (c+1)·chunk). zarr writes each chunk file atomically, but a chunk
 of images is only *complete* when its ``done`` flag is set, which happens after all three data
@@ -19,6 +24,7 @@ import io
 import logging
 import math
 import os
+import shutil
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,9 +39,40 @@ class SampleStoreError(ValueError):
     """The store on disk cannot serve this request; the message names the path and fields."""
 
 
+# What an array of a store may be: our dtypes, and codecs that only transform bytes. Checked before
+# any chunk is read, because a zarr store can name numcodecs' ``pickle`` codec (or any other).
+ARRAY_DTYPES = {"images": np.uint8, "labels": np.int64, "seeds": np.uint32, "done": np.uint8}
+SAFE_CODECS = frozenset({"bytes", "zstd", "blosc", "gzip", "zlib", "lz4", "bz2", "crc32c", "transpose"})
+
+
+def _codec_names(arr: Any) -> list[str]:
+    meta = arr.metadata
+    if meta.zarr_format == 2:
+        parts = [meta.compressor, *(meta.filters or ())]
+        return [(c.get_config() if hasattr(c, "get_config") else c)["id"] for c in parts if c is not None]
+    return [c.to_dict()["name"] for c in meta.codecs]
+
+
+def check_arrays(path: Path, group: Any) -> None:
+    """Refuse a store whose arrays are missing, of another dtype, or encoded with a non-data codec."""
+    not_ours = "not a sample store written by haste eval (use another output directory)"
+    for name, dtype in ARRAY_DTYPES.items():
+        if not ((path / name / ".zarray").is_file() or (path / name / "zarr.json").is_file()):
+            raise SampleStoreError(f"{path}: no '{name}' array; {not_ours}")
+        try:
+            arr = group[name]
+            bad = [c for c in _codec_names(arr) if c not in SAFE_CODECS]
+        except (ValueError, KeyError, TypeError) as e:  # metadata zarr itself cannot interpret
+            raise SampleStoreError(f"{path}/{name}: unusable metadata ({e}); {not_ours}") from None
+        if arr.dtype != dtype or bad:
+            raise SampleStoreError(f"{path}/{name}: dtype {arr.dtype}, codecs {bad or 'plain'} (expected "
+                                   f"{np.dtype(dtype)}, plain codecs only); {not_ours}")
+
+
 class SampleStore:
     def __init__(self, path: Path, group: Any):
         self.path, self.group = Path(path), group
+        check_arrays(self.path, group)  # before any chunk is decoded
         self.images, self.labels = group["images"], group["labels"]
         self.seeds, self.done = group["seeds"], group["done"]
 
@@ -122,7 +159,8 @@ def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[i
     path = Path(path)
     # The chunk size is the store's own layout, not a setting: a resume keeps it whatever the batch size.
     meta = {**meta, "num_samples": num_samples, "shape": list(shape)}
-    group = zarr.open_group(str(path), mode="r+") if (path / "zarr.json").is_file() else None
+    exists = (path / ".zgroup").is_file() or (path / "zarr.json").is_file()  # format 2 (ours) or 3 (earlier)
+    group = _open_existing(path) if exists else None
     old = dict(group.attrs.get("haste", {})) if group is not None else {}
     if old:  # (a group without our attrs is a creation that was killed: made again below)
         diff = meta_diff(old, meta)
@@ -131,6 +169,9 @@ def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[i
             raise SampleStoreError(f"sample store {path} was made with other settings:\n{lines}\n"
                                    "Use another output directory, or restore these values.")
         store = SampleStore(path, group)
+        if (path / "zarr.json").is_file():
+            log.info("%s is zarr format 3 (written by an earlier version): zarr-python >= 3 reads it, zarr 2 "
+                     "cannot; delete it to have it written again in format 2", path)
         if clean:  # one process only (rank 0, before the others open): another rank's temp file may be in flight
             _remove_partials(path)
             store.reopen_unlabeled()
@@ -138,15 +179,29 @@ def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[i
     if not create:
         raise SampleStoreError(f"no sample store at {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(path), mode="w")
+    if exists:  # a creation that was killed before its attrs: start over in format 2
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
     n_chunks = math.ceil(num_samples / chunk)
+    plain = dict(compressors=None, filters=None)  # raw chunk bytes: any zarr (or numpy) reads them
     group.create_array("images", shape=(num_samples, *shape), chunks=(chunk, *shape), dtype="uint8",
-                       fill_value=0, compressors=None)
-    group.create_array("labels", shape=(num_samples,), chunks=(chunk,), dtype="int64", fill_value=-1)
-    group.create_array("seeds", shape=(num_samples,), chunks=(chunk,), dtype="uint32", fill_value=0)
-    group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
+                       fill_value=0, **plain)
+    group.create_array("labels", shape=(num_samples,), chunks=(chunk,), dtype="int64", fill_value=-1, **plain)
+    group.create_array("seeds", shape=(num_samples,), chunks=(chunk,), dtype="uint32", fill_value=0, **plain)
+    group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, **plain)
     group.attrs["haste"] = meta  # written last: a store without it is not ours (and is rewritten)
     return SampleStore(path, group)
+
+
+def _open_existing(path: Path) -> Any:
+    """The zarr group at ``path`` (metadata is JSON: opening reads no chunk), or one clear error."""
+    import zarr
+
+    try:
+        return zarr.open_group(str(path), mode="r+")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SampleStoreError(f"{path}: unreadable zarr metadata ({type(e).__name__}: {e}); remove it or use "
+                               "another output directory") from None
 
 
 def _remove_partials(path: Path) -> None:
@@ -159,25 +214,37 @@ def export_npz(store: SampleStore, out: Path) -> Path:
     """The ADM evaluator's sample batch: ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` int64 labels.
 
     Streamed chunk by chunk into an uncompressed zip (what ``np.savez`` writes), so 50K images
-    (9.8 GB) never sit in memory; written to a temp name and renamed.
+    (9.8 GB) never sit in memory; written to a temp name and renamed. The zip members carry a
+    fixed timestamp and permissions (``zip_member``), so the same store always gives the same bytes.
     """
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shape = (store.num_samples, *store.images.shape[1:])
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            with zf.open(zip_member("arr_0.npy"), "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
                 for images, _ in store.iter_chunks():
                     f.write(np.ascontiguousarray(images).tobytes())
             buf = io.BytesIO()
             np.save(buf, np.asarray(store.labels[:], dtype=np.int64))
-            zf.writestr("arr_1.npy", buf.getvalue())
+            zf.writestr(zip_member("arr_1.npy"), buf.getvalue())
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip header can hold
+
+
+def zip_member(name: str) -> zipfile.ZipInfo:
+    """A stored zip member with a fixed time and mode (``ZipFile.open(str)`` stamps the wall clock)."""
+    info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
 
 
 def npz_matches(store: SampleStore, path: Path) -> bool:

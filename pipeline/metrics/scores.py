@@ -1,8 +1,9 @@
 """Sample-quality metrics for the eval stage: FID, IS, precision/recall, KID, optional FD-DINOv2.
 
-torch-fidelity 0.4 does the heavy lifting (feature extractors, its extraction loop, IS, KID, P/R);
-we add only what it lacks (SPEC §10-11): the Fréchet distance against *external* statistics (ADM's
-``mu``/``sigma``), loading reference batches, lazy inputs, and clear offline errors. The recipe
+torch-fidelity 0.4 does the heavy lifting (feature extractors, IS, KID, P/R); we add what it
+lacks (SPEC §10-11): the Fréchet distance against *external* statistics (ADM's ``mu``/``sigma``),
+loading reference batches, lazy inputs, clear offline errors, and loading that never unpickles
+(weights as plain tensors, our own .npy feature cache instead of its pickled one). The recipe
 that reproduces ADM-evaluator numbers without TensorFlow (SPEC §10):
 
   * ``inception-v3-compat`` pool_3 (``'2048'``) features of uint8 samples at their stored size
@@ -15,8 +16,9 @@ Each extractor runs once over the samples (and once over the reference images); 
 reads the same feature dict. Usage::
 
     cfg = MetricsConfig(reference="VIRTUAL_imagenet256_labeled.npz", device="cuda")
-    result = compute_metrics(zarr.open_array("samples.zarr"), cfg)   # plain JSON-ready dict
-    log.info(summary_line(result))
+    checked = preflight(cfg)                                         # weights, sha256, reference: seconds
+    result = compute_metrics(zarr.open_group("samples.zarr")["images"], cfg, checked=checked)
+    print(summary_line(result))                                      # the caller reports it, once
 """
 
 from __future__ import annotations
@@ -38,9 +40,7 @@ from torch_fidelity import FeatureExtractorBase
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
-from torch_fidelity.utils import cache_lookup_group_recompute_all_on_any_miss
 
-from pipeline.cache.shards import file_sha256
 from pipeline.configs import check
 from pipeline.metrics.extractors import (
     DINOV2,
@@ -50,17 +50,19 @@ from pipeline.metrics.extractors import (
     RANDOM_LABEL,
     RANDOM_SEED,
     MetricsError,
-    Reference,
     as_dataset,
     build_extractor,
+    check_dinov2_checkpoint,
+    check_sha256,
     dinov2_unavailable_reason,
     extract_features,
     inception_weights_path,
-    load_reference,
 )
+from pipeline.metrics.feature_cache import cached_features
+from pipeline.metrics.reference import Reference, load_reference
 
 __all__ = ["MetricsConfig", "MetricsError", "Reference", "compute_metrics", "feature_stats",
-           "frechet_distance", "load_reference", "summary_line"]
+           "frechet_distance", "load_reference", "preflight", "summary_line"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ INCEPTION_SHA256_PREFIX = INCEPTION_WEIGHTS_FILE.rsplit("-", 1)[1].split(".")[0]
 class MetricsConfig:
     extractor: str = INCEPTION                 # or RANDOM_EXTRACTOR (offline demo/tests; not comparable)
     inception_weights: str | None = None       # local weights file; None = torch hub cache
+    inception_sha256: str = INCEPTION_SHA256_PREFIX  # required sha256 prefix of the weights (mismatch = error)
     reference: str | None = None               # ADM-style .npz, stats-only .npz, images-only .npz, or folder
     metrics: tuple[str, ...] = METRICS
     fd_dinov2: bool = False                    # torch-fidelity dinov2-vit-l-14; skipped if not cached
@@ -86,12 +89,14 @@ class MetricsConfig:
     fid_method: Literal["sqrtm", "eigh"] = "sqrtm"   # sqrtm = ADM/pytorch-fid; eigh = same value, ~10x faster
     seed: int = 2020                           # KID subset sampling (torch-fidelity's default)
     save_cpu_ram: bool = False                 # torch-fidelity's flag: no loader workers, blockwise P/R
-    cache_root: str | None = None              # cache reference features here (torch-fidelity's cache)
+    cache_root: str | None = None              # cache reference features here (.npy files, never pickles)
 
     def __post_init__(self) -> None:
         check(self.extractor in EXTRACTORS, "extractor", f"{self.extractor!r} is not one of {list(EXTRACTORS)}")
         check(self.extractor == INCEPTION or self.inception_weights is None, "inception_weights",
               f"only used with extractor={INCEPTION!r}")
+        check(re.fullmatch(r"[0-9a-fA-F]{8,64}", self.inception_sha256 or "") is not None, "inception_sha256",
+              f"must be 8 to 64 hex digits of the weights' sha256, got {self.inception_sha256!r}")
         check(len(self.metrics) > 0 or self.fd_dinov2, "metrics", "nothing to compute")
         bad = [m for m in self.metrics if m not in METRICS]
         check(not bad, "metrics", f"unknown {bad}; choose from {list(METRICS)}")
@@ -172,6 +177,14 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray, method: str, eps: float)
 
 
 @dataclass(frozen=True)
+class Preflight:
+    """What ``preflight`` checked: the weights file (sha256 verified) and the loaded reference."""
+    weights: Path | None
+    weights_sha256: str | None
+    reference: Reference | None
+
+
+@dataclass(frozen=True)
 class _Inputs:
     data: Dataset
     reference: Reference | None
@@ -180,54 +193,61 @@ class _Inputs:
     skipped: dict[str, str]
 
 
-def compute_metrics(images: Any, cfg: MetricsConfig) -> dict[str, Any]:
+def compute_metrics(images: Any, cfg: MetricsConfig, *, progress: bool = False,
+                    checked: Preflight | None = None) -> dict[str, Any]:
     """Metrics of uint8 (N, H, W, 3) ``images`` (numpy, memmap, zarr, or a Dataset of CHW uint8 tensors).
 
     Returns a JSON-ready dict of plain floats and strings; skipped metrics are listed with the
     reason under ``"skipped"``. Raises ``MetricsError`` before any slow work when weights, the
-    reference or the inputs are missing or malformed.
+    reference or the inputs are missing or malformed (``checked``: a ``preflight`` already done).
+    ``progress`` shows a bar per feature pass. The caller reports ``summary_line(result)``.
     """
     t0 = time.perf_counter()
     if cfg.device == "auto":  # 50K Inception passes take ~2 h on a CPU, minutes on a GPU
         cfg = dataclasses.replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
-    inp = _prepare(images, cfg)
+    inp = _prepare(images, cfg, checked or preflight(cfg))
     active = [m for m in cfg.metrics if m not in inp.skipped]
     result = _header(cfg, inp)
     if active:
         names = (["2048"] if set(active) - {"is"} else []) + (["logits_unbiased"] if "is" in active else [])
         extractor = build_extractor(cfg.extractor, names, device=cfg.device, inception_weights=inp.weights)
         feats = extract_features(extractor, inp.data, batch_size=cfg.batch_size, device=cfg.device,
-                                 save_cpu_ram=cfg.save_cpu_ram)
+                                 save_cpu_ram=cfg.save_cpu_ram, progress=progress)
         ref = inp.reference
         ref_needed = ref is not None and ("pr" in active or "kid" in active or ("fid" in active and ref.mu is None))
-        ref_feats = _reference_features(extractor, ref, cfg, inp.weights_sha256) if ref_needed else {}
+        ref_feats = _reference_features(extractor, ref, cfg, inp.weights_sha256, progress) if ref_needed else {}
         result.update(_metrics_from_features(feats, ref_feats, ref, cfg, active))
     if cfg.fd_dinov2:
-        result["fd_dinov2"] = _fd_dinov2(inp, cfg)
+        result["fd_dinov2"] = _fd_dinov2(inp, cfg, progress)
     result["skipped"] = dict(inp.skipped)
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    log.info("%s", summary_line(result))
     return result
 
 
-def _prepare(images: Any, cfg: MetricsConfig) -> _Inputs:
-    """All the cheap checks, so that errors come before any slow work."""
+def preflight(cfg: MetricsConfig, *, with_reference: bool = True) -> Preflight:
+    """Every check that needs no samples: device, weights (present, expected sha256), the reference
+    (unless ``with_reference`` is False: one made later), the DINOv2 checkpoint. The eval stage runs
+    it before sampling, so nothing is sampled for metrics that cannot be computed."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise MetricsError(f"device={cfg.device!r} but CUDA is not available")
     weights = inception_weights_path(cfg.inception_weights) if cfg.extractor == INCEPTION else None
-    sha = file_sha256(weights) if weights is not None else None
-    if sha is not None and not sha.startswith(INCEPTION_SHA256_PREFIX):
-        log.warning("Inception weights %s have sha256 %s..., not torch-fidelity's %s...; numbers may not "
-                    "match the ADM evaluator", weights, sha[:12], INCEPTION_SHA256_PREFIX)
-    ref = load_reference(cfg.reference) if cfg.reference is not None else None
+    sha = check_sha256(weights, cfg.inception_sha256) if weights is not None else None
+    ref = load_reference(cfg.reference) if cfg.reference is not None and with_reference else None
     if ref is not None and ref.mu is not None and ref.mu.shape[0] != POOL_DIM:
         raise MetricsError(f"reference {ref.path}: 'mu' has D={ref.mu.shape[0]}, but the '2048' features "
                            f"have D={POOL_DIM}")
+    if cfg.fd_dinov2 and dinov2_unavailable_reason() is None:
+        check_dinov2_checkpoint()
+    return Preflight(weights, sha, ref)
+
+
+def _prepare(images: Any, cfg: MetricsConfig, checked: Preflight) -> _Inputs:
+    """The cheap checks on the samples (the rest is ``preflight``), so errors come before any slow work."""
     data = as_dataset(images, cfg.batch_size)
-    skipped = _skip_reasons(cfg, len(data), ref)
+    skipped = _skip_reasons(cfg, len(data), checked.reference)
     for metric, reason in skipped.items():
         log.warning("skipping %s: %s", metric, reason)
-    return _Inputs(data, ref, weights, sha, skipped)
+    return _Inputs(data, checked.reference, checked.weights, checked.weights_sha256, skipped)
 
 
 def _skip_reasons(cfg: MetricsConfig, n: int, ref: Reference | None) -> dict[str, str]:
@@ -294,24 +314,23 @@ def _metrics_from_features(feats: dict[str, torch.Tensor], ref_feats: dict[str, 
 
 
 def _reference_features(extractor: FeatureExtractorBase, ref: Reference, cfg: MetricsConfig,
-                        weights_sha256: str | None) -> dict[str, torch.Tensor]:
-    """Reference-image features, cached under ``cfg.cache_root`` when set (torch-fidelity's cache)."""
+                        weights_sha256: str | None, progress: bool) -> dict[str, torch.Tensor]:
+    """Reference-image features, cached under ``cfg.cache_root`` when set (plain .npy, see feature_cache)."""
     data = as_dataset(ref.images, cfg.batch_size)
 
     def recompute() -> dict[str, torch.Tensor]:
         return extract_features(extractor, data, batch_size=cfg.batch_size, device=cfg.device,
-                                save_cpu_ram=cfg.save_cpu_ram)
+                                save_cpu_ram=cfg.save_cpu_ram, progress=progress)
 
     if cfg.cache_root is None:
         return recompute()
     ident = weights_sha256[:12] if weights_sha256 else (f"seed{RANDOM_SEED}" if extractor.get_name() ==
                                                         RANDOM_EXTRACTOR else "hub")
-    prefix = f"{ref.cache_key()}-{extractor.get_name()}-{ident}-features-"
-    return cache_lookup_group_recompute_all_on_any_miss(prefix, extractor.get_requested_features_list(), recompute,
-                                                        cache=True, cache_root=cfg.cache_root, verbose=False)
+    prefix = f"{ref.cache_key()}-{extractor.get_name()}-{ident}"
+    return cached_features(cfg.cache_root, prefix, extractor.get_requested_features_list(), len(data), recompute)
 
 
-def _fd_dinov2(inp: _Inputs, cfg: MetricsConfig) -> float | str:
+def _fd_dinov2(inp: _Inputs, cfg: MetricsConfig, progress: bool) -> float | str:
     """FD-DINOv2 (torch-fidelity's dinov2-vit-l-14, bilinear resize to 224) or "skipped: reason"."""
     if "fd_dinov2" in inp.skipped:
         return f"skipped: {inp.skipped['fd_dinov2']}"
@@ -323,8 +342,8 @@ def _fd_dinov2(inp: _Inputs, cfg: MetricsConfig) -> float | str:
         log.warning("skipping fd_dinov2: %s", inp.skipped["fd_dinov2"])
         return f"skipped: {inp.skipped['fd_dinov2']}"
     feats = extract_features(extractor, inp.data, batch_size=cfg.batch_size, device=cfg.device,
-                             save_cpu_ram=cfg.save_cpu_ram)["dinov2"]
-    ref_feats = _reference_features(extractor, inp.reference, cfg, None)["dinov2"]
+                             save_cpu_ram=cfg.save_cpu_ram, progress=progress)["dinov2"]
+    ref_feats = _reference_features(extractor, inp.reference, cfg, None, progress)["dinov2"]
     return frechet_distance(*feature_stats(feats), *feature_stats(ref_feats), method=cfg.fid_method)
 
 
