@@ -1,4 +1,5 @@
-"""Stage 1: images -> SD-VAE posterior moments + DINOv2 teacher targets, as aligned shard groups.
+"""Stage 1: images -> SD-VAE posterior moments + DINOv2 teacher targets (+ caption encodings for
+captioned sources, ``stages.preprocess_text``), as aligned shard groups.
 
 Run it with ``haste preprocess`` (or ``make preprocess``); rerun the same command to resume.
 Under ``torchrun --nproc_per_node=N`` each rank writes the shards ``todo[rank::N]``; rank 0
@@ -26,15 +27,18 @@ from pipeline.cache.schema import (
     LATENTS,
     SCHEMA_VERSION,
     TEACHER,
+    TEXT,
     CacheFormatError,
     GroupManifest,
     LatentSpec,
     TeacherSpec,
+    TextSpec,
     bytes_per_sample,
     codec_file_records,
     get_codec,
 )
 from pipeline.cache.shards import atomic_write_json, remove_stale_temps
+from pipeline.cache.text import null_record
 from pipeline.configs import ConfigError, check, to_dict
 from pipeline.encoders import weights
 from pipeline.encoders.teacher import (
@@ -44,24 +48,37 @@ from pipeline.encoders.teacher import (
     Teacher,
     teacher_input_size,
 )
+from pipeline.encoders.text import DEFAULT_TEXT_ENCODER
 from pipeline.encoders.vae import DEFAULT_VAE, latent_scale_bias
+from pipeline.inputs.captions import CaptionedSource, open_input
 from pipeline.inputs.images import DEFAULT_MAX_PIXELS
-from pipeline.inputs.sources import Source, open_source
+from pipeline.inputs.sources import Source
 from stages.preprocess_engine import (  # noqa: F401  (PreprocessError, done_record: part of this stage's API)
     PreprocessError,
     done_record,
     encode_shards,
     progress_path,
 )
+from stages.preprocess_text import (
+    dry_run_entry,
+    encode_text_shards,
+    log_dropped,
+    text_identity,
+    text_settings,
+    text_spec,
+)
 
 log = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16"]
 CROP = "center-crop-dhariwal"
+MODEL_OF = {LATENTS: "vae", TEACHER: "teacher", TEXT: "text_encoder"}  # each group's model in models.json
 
 
 @dataclass(frozen=True, kw_only=True)
 class PreprocessConfig:
-    source: str = "synthetic:64"          # image folder tree | .tar shards (dir, file, {a..b}) | synthetic:<n>
+    # image folder tree | .tar shards (dir, file, {a..b}) | synthetic:<n>; captioned (pipeline.inputs.captions):
+    # coco:<root>/train2014 | captions:<folder or tars> | synthetic-captions:<n> (also recognised unprefixed)
+    source: str = "synthetic:64"
     out: str = "cache"                    # cache root (Makefile CACHE)
     resolution: int = 256
     shard_size: int = 256                 # samples per shard (both groups share the numbering)
@@ -93,6 +110,13 @@ class PreprocessConfig:
     max_skip_fraction: float = 0.001
     max_pixels: int = DEFAULT_MAX_PIXELS
     resume_verify: Literal["sha256", "size"] = "sha256"
+    crop: Literal["auto", "center-crop-dhariwal", "center-crop-uvit"] = "auto"  # auto: U-ViT's for captioned sources
+    # The text group (captioned sources only): U-ViT's CLIP ViT-L/14 last_hidden_state, 77 x 768 per caption
+    text_encoder: str = DEFAULT_TEXT_ENCODER  # hub id | local folder | random:tiny | random:l14 | none
+    text_max_length: int = 77
+    text_dtype: Literal["float16", "float32"] = "float16"
+    text_precision: Precision = "fp32"
+    text_batch_size: int = 128            # captions per text-encoder forward
 
     def __post_init__(self) -> None:
         check(self.resolution >= 32 and self.resolution % 16 == 0, "resolution", "must be a multiple of 16 (>= 32)")
@@ -108,6 +132,8 @@ class PreprocessConfig:
         except ValueError as e:
             raise type(e)(f"config field 'codec': {e}") from None
         check(self.feat_codec in FEAT_CODECS, "feat_codec", f"must be one of {list(FEAT_CODECS)}")
+        check(self.text_max_length > 0 and self.text_batch_size > 0, "text_max_length",
+              "text_max_length and text_batch_size must be positive")
 
     @property
     def wants_teacher(self) -> bool:
@@ -127,10 +153,11 @@ class GroupPlan:
     spec: LatentSpec | TeacherSpec
 
 
-def transform(cfg: PreprocessConfig) -> dict:
+def transform(cfg: PreprocessConfig, source: Source | None = None) -> dict:
     # max_pixels decides which inputs are skipped, so it is part of what the shards contain
-    return {"crop": CROP, "resolution": cfg.resolution, "hflip": False, "color": "RGB (alpha dropped)",
+    base = {"crop": CROP, "resolution": cfg.resolution, "hflip": False, "color": "RGB (alpha dropped)",
             "max_pixels": cfg.max_pixels}
+    return {**base, **source.transform} if isinstance(source, CaptionedSource) else base
 
 
 def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
@@ -158,7 +185,7 @@ def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
 
 def common_identity(cfg: PreprocessConfig, source: Source) -> dict:
     """The part of every group key shared by both groups: schema, dataset listing, transform, sharding."""
-    return {"schema_version": SCHEMA_VERSION, "source": source.identity(), "transform": transform(cfg),
+    return {"schema_version": SCHEMA_VERSION, "source": source.identity(), "transform": transform(cfg, source),
             "shard_size": cfg.shard_size}
 
 
@@ -184,6 +211,8 @@ def plan_groups(cfg: PreprocessConfig, source: Source) -> list[GroupPlan]:
     plans = [make_plan(cfg, LATENTS, lat_id, lat_spec)]
     if cfg.wants_teacher:
         plans.append(teacher_plan(cfg, source))
+    if isinstance(source, CaptionedSource) and cfg.text_encoder != "none":
+        plans.append(make_plan(cfg, TEXT, text_identity(cfg, source, common_identity(cfg, source)), text_spec(cfg)))
     return plans
 
 
@@ -192,6 +221,9 @@ def dry_run_report(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan]
     out = {"config": to_dict(cfg), "source": {"kind": source.kind, "count": n, "classes": len(source.classes)},
            "num_shards": math.ceil(n / cfg.shard_size), "groups": {}}
     for p in plans:
+        if p.kind == TEXT:
+            out["groups"][TEXT] = dry_run_entry(p, source)
+            continue
         bps = bytes_per_sample(p.kind, p.spec)
         status = "complete" if groups.is_complete(p.dir) else ("partial" if p.dir.exists() else "new")
         out["groups"][p.kind] = {"dir": str(p.dir), "status": status, "spec": dataclasses.asdict(p.spec),
@@ -217,8 +249,9 @@ def write_manifests(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan
         if missing:
             raise PreprocessError(f"{plan.dir}: shards {missing[:5]} are not complete; re-run the same command")
         skipped = [x for r in records for x in r.skipped]
-        try:  # the teacher's q/k projections for tokens-*: written before any shard, hashed here
-            files = codec_file_records(plan.dir, plan.spec) if isinstance(plan.spec, TeacherSpec) else {}
+        try:  # the teacher's q/k projections for tokens-*, the text group's "" encoding: hashed here
+            files = (codec_file_records(plan.dir, plan.spec) if isinstance(plan.spec, TeacherSpec) else
+                     null_record(plan.dir, plan.spec) if isinstance(plan.spec, TextSpec) else {})
         except CacheFormatError as e:
             raise PreprocessError(str(e)) from None
         frac = len(skipped) / max(1, len(source.items))
@@ -231,9 +264,9 @@ def write_manifests(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan
         m = GroupManifest(
             kind=plan.kind, key=plan.key, spec=plan.spec, identity=plan.identity,
             source={"location": source.location, **source.identity(), "shard_size": cfg.shard_size},
-            models={k: v for k, v in models.items() if (k == "vae") == (plan.kind == LATENTS)},
+            models={k: v for k, v in models.items() if k == MODEL_OF[plan.kind]},
             producer=groups.producer_info(), shards=tuple(records), classes=source.classes, codec_files=files,
-            settings={"transform": transform(cfg), "batch_size": cfg.batch_size,
+            settings={"transform": transform(cfg, source), "batch_size": cfg.batch_size,
                       "precision": cfg.vae_precision if plan.kind == LATENTS else cfg.teacher_precision,
                       **(extra_settings or {}).get(plan.kind, {})},
         )
@@ -255,7 +288,8 @@ def model_identities(plans: list[GroupPlan]) -> dict:
 def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
     """Build (or finish) the cache described by ``cfg``; returns a summary dict."""
     d = dist.init(cfg.device)
-    source = open_source(cfg.source, synthetic_classes=cfg.synthetic_classes, synthetic_seed=cfg.synthetic_seed)
+    source = open_input(cfg.source, synthetic_classes=cfg.synthetic_classes, synthetic_seed=cfg.synthetic_seed,
+                        crop=cfg.crop)
     plans = plan_groups(cfg, source)
     if dry_run:
         return dry_run_report(cfg, source, plans)
@@ -268,14 +302,23 @@ def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
         log.info("%s group %s (%s)", p.kind, p.dir, "complete, reused" if p not in pending else "to build")
     check_weights(cfg, pending)
     prepare_dirs(d, pending)
-    encode_shards(cfg, d, source, pending, num_shards)
-    dist.barrier()
+    image_groups = [p for p in pending if p.kind != TEXT]
+    if image_groups:
+        encode_shards(cfg, d, source, image_groups, num_shards)
+        dist.barrier()
+    text = next((p for p in pending if p.kind == TEXT), None)
+    if text is not None:  # after the image pass: its shards' skips decide the text shards' keys
+        if d.is_main:
+            log_dropped(source)
+        encode_text_shards(cfg, d, source, text, plans[0], num_shards)
+        dist.barrier()
     manifests: list[GroupManifest] = []
     if d.is_main:
-        manifests = write_manifests(cfg, source, pending, model_identities(pending), num_shards)
+        extra = {TEXT: text_settings(cfg, source, text, num_shards)} if text is not None else None
+        manifests = write_manifests(cfg, source, pending, model_identities(pending), num_shards, extra)
         keys = {p.kind: p.key for p in plans}
         groups.update_index(Path(cfg.out), keys[LATENTS], keys.get(TEACHER),
-                            {"source": source.location, "resolution": cfg.resolution})
+                            {"source": source.location, "resolution": cfg.resolution}, text_key=keys.get(TEXT))
     dist.barrier()
     return {"status": "built", "groups": {p.kind: str(p.dir) for p in plans},
             "samples": {m.kind: m.num_samples for m in manifests}}
@@ -284,7 +327,8 @@ def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
 def check_weights(cfg: PreprocessConfig, plans: list[GroupPlan]) -> None:
     """Fail before creating any directory when hub weights are needed but unavailable offline."""
     kinds = {p.kind for p in plans}
-    for name, what, needed in ((cfg.vae, "VAE", LATENTS in kinds), (cfg.teacher, "teacher", TEACHER in kinds)):
+    for name, what, needed in ((cfg.vae, "VAE", LATENTS in kinds), (cfg.teacher, "teacher", TEACHER in kinds),
+                               (cfg.text_encoder, "text encoder", TEXT in kinds)):
         if needed and weights.parse(name).kind == "hub":
             weights.require_hub(name.removeprefix("hf-hub:"), what)
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from pipeline.cache.schema import (
     CODEC_DIR,
     LATENTS,
+    TEXT,
     CacheFormatError,
     ShardRecord,
     codec_files,
@@ -31,6 +32,7 @@ from pipeline.cache.schema import (
     load_npy,
 )
 from pipeline.cache.shards import ShardWriter, atomic_write_bytes, atomic_write_json, shard_name, shard_ok
+from pipeline.cache.text import encode_text_sample
 from pipeline.dist import DistInfo
 from pipeline.encoders.teacher import Teacher, load_teacher
 from pipeline.encoders.vae import encode_moments, load_vae
@@ -145,6 +147,8 @@ def shard_sink(plan) -> _ShardSink:
     spec = plan.spec
     if plan.kind == LATENTS:
         return _ShardSink(plan, lambda label, m: encode_latent_sample(spec, int(label), m))
+    if plan.kind == TEXT:  # per image: (K, L, D) encodings and the K captions (stages.preprocess_text)
+        return _ShardSink(plan, lambda enc, captions: encode_text_sample(spec, enc, captions))
     inputs = get_codec(spec.codec).inputs  # the arrays after the features, in the order _compute gives them
     return _ShardSink(plan, lambda f, *arrays: encode_teacher_sample(spec, f, **dict(zip(inputs, arrays))))
 
