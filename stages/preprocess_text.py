@@ -70,12 +70,13 @@ def log_dropped(source: CaptionedSource) -> None:
                  len(source.dropped), len(source.uncaptioned))
 
 
-def dry_run_entry(plan, source: CaptionedSource) -> dict:
-    """The text group's line of ``--dry-run``: caption counts, bytes per caption and projected size."""
-    spec = plan.spec
-    counts = Counter(len(c) for c in source.captions if c)
+def dry_run_entry(plan, source: CaptionedSource, captions=None) -> dict:
+    """The text group's line of ``--dry-run``: caption counts, bytes per caption and projected size
+    (``captions``: per item, default the source's; None strings count as 60 characters)."""
+    spec, captions = plan.spec, source.captions if captions is None else captions
+    counts = Counter(len(c) for c in captions if c)
     n_caps = sum(k * n for k, n in counts.items())
-    chars = sum(len(c) for caps in source.captions for c in caps) / max(1, n_caps)
+    chars = sum(60 if c is None else len(c) for caps in captions for c in caps) / max(1, n_caps)
     total = sum(n * text_bytes(spec, k, round(chars))["tar"] for k, n in counts.items())
     images = sum(counts.values())
     status = "complete" if groups.is_complete(plan.dir) else ("partial" if plan.dir.exists() else "new")
@@ -208,7 +209,7 @@ def text_settings(cfg, source: CaptionedSource, plan, num_shards: int, imported:
     images = sum(s["images"] for s in stats)
     recs = [done_record(plan, s, "size") for s in range(num_shards)]
     nbytes = sum(r.bytes for r in recs if isinstance(r, ShardRecord))
-    out = {"precision": "imported" if imported else cfg.text_precision, "max_length": cfg.text_max_length,
+    out = {"precision": "imported" if imported else cfg.text_precision, "max_length": plan.spec.max_length,
            "batch_size": cfg.text_batch_size,
            "captions": {"total": caps, "per_image": round(caps / max(1, images), 4),
                         "max_per_image": max((s["max_captions"] for s in stats), default=0),
