@@ -124,15 +124,22 @@ class _ShardSink:
         self.plan, self.encode = plan, encode
         self.writers: dict[int, ShardWriter] = {}
         self.skipped: dict[int, list[tuple[str, str]]] = {}
+        self.failed: set[int] = set()
 
     def add(self, shard: int, keys: list[str], arrays: tuple[np.ndarray, ...], skipped: list[tuple[str, str]]) -> None:
         w = self.writers.get(shard) or self.writers.setdefault(
             shard, ShardWriter(self.plan.dir / shard_name(shard), shard))
-        for i, key in enumerate(keys):
-            w.add(key, self.encode(*(a[i] for a in arrays)))
+        try:
+            for i, key in enumerate(keys):
+                w.add(key, self.encode(*(a[i] for a in arrays)))
+        except BaseException:
+            self.failed.add(shard)  # the commit queued behind this write must not rename a partial shard
+            raise
         self.skipped.setdefault(shard, []).extend(skipped)
 
     def commit(self, shard: int) -> None:
+        if shard in self.failed:  # the add's error reaches the caller through its future; abort() drops the file
+            return
         w = self.writers.pop(shard, None) or ShardWriter(self.plan.dir / shard_name(shard), shard)
         rec = w.commit(tuple(self.skipped.pop(shard, [])))
         atomic_write_json(self.plan.dir / "progress" / f"{shard_name(shard)}.json", rec.__dict__)

@@ -63,7 +63,8 @@ def encode_text_sample(spec: TextSpec, encodings: np.ndarray, captions: Sequence
     shape = (len(captions), spec.max_length, spec.dim)
     if len(captions) == 0 or tuple(encodings.shape) != shape:
         raise CacheFormatError(f"text encodings shape {tuple(encodings.shape)} != {shape} (K >= 1 captions)")
-    arr = encodings.astype(spec.dtype, copy=False)
+    with np.errstate(over="ignore"):  # checked right below, with a message that says what to do
+        arr = encodings.astype(spec.dtype, copy=False)
     if not np.isfinite(arr).all():  # fp16 overflow (|v| > 65504) or a broken encoder: never store inf
         raise CacheFormatError(f"text encodings are not finite in {spec.dtype}; use text_dtype float32")
     return {"text.npy": npy_bytes(arr), "captions.json": json.dumps(list(captions)).encode("utf-8")}
@@ -86,7 +87,8 @@ def null_bytes(spec: TextSpec, encoding: np.ndarray) -> bytes:
     if tuple(encoding.shape) != (spec.max_length, spec.dim):
         raise CacheFormatError(f"empty-caption encoding shape {tuple(encoding.shape)} != "
                                f"{(spec.max_length, spec.dim)}")
-    arr = encoding.astype(spec.dtype, copy=False)
+    with np.errstate(over="ignore"):
+        arr = encoding.astype(spec.dtype, copy=False)
     if not np.isfinite(arr).all():
         raise CacheFormatError(f"the empty-caption encoding is not finite in {spec.dtype}")
     return npy_bytes(arr)
