@@ -109,7 +109,8 @@ def image_source(cfg: UViTImportConfig, feats: UViTFeatures) -> tuple[CaptionedS
         items = tuple(Item(key=str(i), label=0, path=str(feats.png(i))) for i in range(feats.count))
         src = CaptionedSource("uvit-png", f"uvit:{feats.root.resolve()}", (), items)
         caps = [(None,) * k for k in feats.counts]
-    uncaptioned = {**src.uncaptioned, **{src.items[i].key: "no U-ViT contexts ({i}_k.npy)" for i in no_ctx}}
+    # the source's own reasons win, so a COCO source keeps its identity (and shares preprocess's teacher group)
+    uncaptioned = {**{src.items[i].key: f"no U-ViT contexts ({i}_*.npy)" for i in no_ctx}, **src.uncaptioned}
     return dataclasses.replace(src, uncaptioned=uncaptioned), caps
 
 

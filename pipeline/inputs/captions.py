@@ -226,7 +226,7 @@ def open_coco(spec: str) -> CaptionedSource:
         text, problem = check_caption(a.get("caption"), f"{img}#ann{a.get('id')}")
         (caps[img].append(text) if problem is None else dropped.append(problem))
     if orphans:
-        log.warning("%s: %d caption(s) name image ids that are not in its images list; ignored", ann, orphans)
+        log.info("%s: %d caption(s) name image ids that are not in its images list; ignored", ann, orphans)
     rows = [(Item(key=str(i), label=0, path=str(split.resolve() / images[i])), caps[i],
              "no caption (missing annotation)" if not caps[i] else "") for i in sorted(images)]
     return _assemble("coco", f"coco:{split.resolve()}", rows, dropped, details={"annotations": str(ann)})
