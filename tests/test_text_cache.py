@@ -18,7 +18,14 @@ from t2i_data import EMPTY_CAPTION_ID, NO_CAPTION_ID, expected_captions, frozen_
 
 from pipeline.cache import shards
 from pipeline.cache.loader import CacheStream, make_loader
-from pipeline.cache.reader import CacheMismatchError, index_shard, open_cache, read_sample
+from pipeline.cache.reader import (
+    CacheMismatchError,
+    Requirements,
+    check_cache,
+    index_shard,
+    open_cache,
+    read_sample,
+)
 from pipeline.cache.schema import LATENTS, TEACHER, TEXT, decode_members, read_manifest
 from pipeline.cache.text import FP16_COS_BOUND, caption_choice, gather_captions
 from pipeline.dist import DistInfo
@@ -272,9 +279,15 @@ def test_stream_with_teacher_and_text_and_clear_errors(coco_cache):
         gather_captions(b, b["text_count"])
 
 
-def test_text_needs_a_captioned_cache(demo_cache):
+def test_text_needs_a_captioned_cache(demo_cache, coco_cache):
     with pytest.raises(CacheMismatchError, match="no text group recorded"):
         open_cache(demo_cache, need_text=True)
+    with pytest.raises(CacheMismatchError, match="needs a text group"):
+        check_cache(open_cache(demo_cache), Requirements(text_dim=768))
+    cache = open_cache(coco_cache[0], need_text=True)
+    check_cache(cache, Requirements(text_dim=32, text_length=77))
+    with pytest.raises(CacheMismatchError, match="32-dimensional but the model's context width is 768"):
+        check_cache(cache, Requirements(text_dim=768, text_length=77))
 
 
 def test_cli_preprocess_dry_run_and_info(coco_cache, restore_logging):

@@ -210,6 +210,8 @@ class Requirements:
     feat_dim: int | None = None
     need_features: bool = False
     need_attention: bool = False
+    text_dim: int | None = None       # text-to-image: the model's context width (CLIP ViT-L/14: 768)
+    text_length: int | None = None    # and its context length (77)
 
 
 def check_cache(cache: Cache, req: Requirements) -> None:
@@ -229,8 +231,22 @@ def check_cache(cache: Cache, req: Requirements) -> None:
             problems.append("alignment losses need a teacher group, but none is open")
         else:
             problems += _teacher_problems(ts, req)
+    if req.text_dim is not None or req.text_length is not None:
+        problems += _text_problems(cache, req)
     if problems:
         raise CacheMismatchError(f"cache {cache.root} does not fit the config: " + "; ".join(problems))
+
+
+def _text_problems(cache: Cache, req: Requirements) -> list[str]:
+    spec = cache.text.spec if cache.text else None
+    if not isinstance(spec, TextSpec):
+        return ["text conditioning needs a text group, but none is open (open_cache(..., need_text=True))"]
+    out = []
+    if req.text_dim is not None and spec.dim != req.text_dim:
+        out.append(f"text encodings are {spec.dim}-dimensional but the model's context width is {req.text_dim}")
+    if req.text_length is not None and spec.max_length != req.text_length:
+        out.append(f"text encodings have {spec.max_length} tokens but the model expects {req.text_length}")
+    return out
 
 
 def _teacher_problems(ts: TeacherSpec, req: Requirements) -> list[str]:
