@@ -30,13 +30,13 @@ def test_failed_write_leaves_no_committed_partial_shard(tmp_path, monkeypatch):
     monkeypatch.setattr(shards.ShardWriter, "add", add)
     out = tmp_path / "c"
     with pytest.raises(ValueError, match="encode failed"):
-        run(tiny_preprocess_config(out, source="synthetic:24", batch_size=4))
+        run(tiny_preprocess_config(out, source="synthetic:24", batch_size=4, resolution=32))
     # shard 1 is never committed; shard 2 may have been written completely before the error surfaced
     records = {p.name: json.loads(p.read_text())["count"] for p in out.glob("teacher/*/progress/shard-*.json")}
     assert records.get("shard-000000.tar.json") == 8 and "shard-000001.tar.json" not in records
     assert set(records.values()) == {8}
     assert "shard-000001.tar" not in {p.name for p in out.glob("teacher/*/shard-*.tar")}
     monkeypatch.setattr(shards.ShardWriter, "add", original)
-    run(tiny_preprocess_config(out, source="synthetic:24", batch_size=4))
+    run(tiny_preprocess_config(out, source="synthetic:24", batch_size=4, resolution=32))
     counts = [json.loads(p.read_text())["count"] for p in sorted(out.glob("teacher/*/progress/shard-*.json"))]
     assert counts == [8, 8, 8]

@@ -16,8 +16,8 @@ from conftest import tiny_preprocess_config
 from stages.preprocess import run
 
 REPO = Path(__file__).resolve().parents[1]
-SETS = {"source": "synthetic-captions:24", "resolution": 32, "shard_size": 4, "text_encoder": "random:tiny",
-        "text_batch_size": 5, "teacher": "random:tiny", "vae": "random:tiny", "batch_size": 4, "num_workers": 0,
+SETS = {"source": "synthetic-captions:12", "resolution": 32, "shard_size": 2, "text_encoder": "random:tiny",
+        "text_batch_size": 5, "teacher": "none", "vae": "random:tiny", "batch_size": 2, "num_workers": 0,
         "device": "cpu", "codec": "qk-fp16"}
 
 
@@ -37,8 +37,8 @@ def test_torchrun_two_ranks_text_equals_one_process(tmp_path):
                            "-m", "stages.cli", "preprocess", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert json.loads(proc.stdout[proc.stdout.index("{"):])["samples"] == {"latents": 24, "teacher": 24, "text": 24}
-    assert _files(two) == _files(one) and sum(k.startswith("text/") for k in _files(one)) == 7
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["samples"] == {"latents": 12, "text": 12}
+    assert _files(two) == _files(one) and sum(k.startswith("text/") for k in _files(one)) == 7  # 6 shards + the null
     for m in sorted(one.glob("text/*/manifest.json")):
         a, b = json.loads(m.read_text()), json.loads((two / m.relative_to(one)).read_text())
         assert a["shards"] == b["shards"] and a["settings"]["captions"] == b["settings"]["captions"]
