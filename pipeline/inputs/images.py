@@ -10,7 +10,8 @@ This module owns everything between "bytes on disk" and "a uint8 (size, size, 3)
   undecodable, truncated, decompression bomb, unsupported mode) becomes ``SkipImage(reason)``,
   which the preprocess stage lists in its manifest instead of crashing a multi-hour run.
 - ``center_crop_adm`` / ``to_rgb``: the two pure pieces, tested against a re-implementation of
-  guided-diffusion's ``center_crop_arr``.
+  guided-diffusion's ``center_crop_arr``; ``center_crop_uvit`` (captioned sources, SPEC §8) against
+  U-ViT's ``center_crop``.
 
 No global PIL state is touched: ``Image.MAX_IMAGE_PIXELS`` and ``ImageFile.LOAD_TRUNCATED_IMAGES``
 keep whatever values the process has; the bomb limit is our own ``max_pixels`` argument.
