@@ -13,7 +13,7 @@ BIN     := $(VENV)/bin
 HASTE   := $(BIN)/haste
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install test test-fast lint preprocess verify train eval import-edm2 export-edm2 demo bench bench-preprocess bench-train bench-eval bench-codecs clean
+.PHONY: help install test test-fast lint preprocess verify train eval import-edm2 export-edm2 demo bench bench-preprocess bench-train bench-eval bench-codecs bench-text import-uvit clean
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -52,6 +52,9 @@ eval: $(STAMP)  ## sample the newest checkpoint of RUN + metrics: CONFIG, RUN, A
 import-edm2: $(STAMP)  ## import an edm2/REPA/HASTE dataset SRC (images/ + vae-sd/, VAE) into CACHE: CONFIG, ARGS
 	$(HASTE) import edm2 $(SRC) --vae $(VAE) --config $(CONFIG) --set out=$(CACHE) $(ARGS)
 
+import-uvit: $(STAMP)  ## import U-ViT/HASTE coco256_features SRC (+ ARGS="--images coco/train2014") into CACHE: CONFIG
+	$(HASTE) import uvit $(SRC) --vae $(VAE) --config $(CONFIG) --set out=$(CACHE) $(ARGS)
+
 export-edm2: $(STAMP)  ## write CACHE's newest latents group as $(OUT)/images + $(OUT)/vae-sd (edm2 layout, sorted source order)
 	$(HASTE) export edm2 $(CACHE) $(OUT)
 
@@ -61,7 +64,7 @@ demo: preprocess train eval  ## the whole demo chain on CPU: preprocess -> train
 	@echo "  training previews  $(RUN)/samples/step-*.png    losses  $(RUN)/loss.png, $(RUN)/stats.jsonl"
 	@echo "  eval               $$(ls -d $(RUN)/eval/*/ | tail -1)  (grid.png, samples.npz, metrics.json)"
 
-bench: bench-preprocess bench-train bench-eval bench-codecs  ## every benchmark, then one report (JSON + markdown + PNG)
+bench: bench-preprocess bench-train bench-eval bench-codecs bench-text  ## every benchmark, then one report (JSON + markdown + PNG)
 	$(BIN)/python benchmarks/report.py
 
 bench-preprocess: $(STAMP)  ## preprocess images/s vs bare model compute
@@ -76,6 +79,9 @@ bench-eval: $(STAMP)  ## sampling images/s (NFE stated) vs the official batch RN
 
 bench-codecs: $(STAMP)  ## teacher codecs: bytes/image vs fidelity (x1/x5/x20, stress), encode/decode img/s, loader vs step
 	$(BIN)/python benchmarks/bench_codecs.py $(ARGS)
+
+bench-text: $(STAMP)  ## text group: bytes/image (COCO, 10M web), fp16 vs fp32 error, CLIP-L captions/s, import + loader
+	$(BIN)/python benchmarks/bench_text.py $(ARGS)
 
 clean:  ## remove the demo cache and runs (not .venv)
 	rm -rf $(CACHE) runs benchmarks/results

@@ -31,6 +31,7 @@ from pipeline.cache.schema import (
     CODEC_DIR,
     LATENTS,
     TEACHER,
+    TEXT,
     CacheFormatError,
     GroupManifest,
     TeacherSpec,
@@ -43,9 +44,12 @@ from pipeline.cache.schema import (
     read_manifest,
 )
 from pipeline.cache.shards import atomic_write_json, file_sha256
+from pipeline.cache.text import null_errors
 from pipeline.encoders import weights
-from pipeline.inputs.sources import DEFAULT_MAX_FILE_BYTES, SourceError, open_source
+from pipeline.inputs.captions import open_input
+from pipeline.inputs.sources import DEFAULT_MAX_FILE_BYTES, SourceError
 from stages.cache_checks import indexed_groups, shard_errors
+from stages.preprocess_text import fresh_text_compare, text_info
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ def info(path: str | Path) -> dict[str, Any]:
             "bytes_per_sample": j["bytes_per_sample"], "fields": j["fields"], "skipped": len(m.skipped),
             "models": {k: {f: v.get(f) for f in ("name", "weights_sha256", "precision")} for k, v in m.models.items()},
             "source": m.source.get("location"), "classes": len(m.classes), "codec_files": m.codec_files,
+            **({"text": text_info(m)} if m.kind == TEXT else {}),
         })
     return out
 
@@ -79,8 +84,17 @@ def format_info(result: dict[str, Any]) -> str:
         lines.append(f"\n[{g['kind']}] {g['dir']}")
         lines.append(f"  source {g['source']}  classes {g['classes']}  samples {g['num_samples']}  "
                      f"shards {g['num_shards']}  skipped {g['skipped']}")
-        lines.append(f"  total {g['total_bytes'] / 1e6:.2f} MB   per sample {g['bytes_per_sample']['tar']} B (tar), "
+        unit = "caption" if "text" in g else "sample"  # a text sample holds K captions
+        lines.append(f"  total {g['total_bytes'] / 1e6:.2f} MB   per {unit} {g['bytes_per_sample']['tar']} B (tar), "
                      f"{g['bytes_per_sample']['payload']} B (payload)")
+        if "text" in g:
+            t, err = g["text"], g["text"].get("fp16_error") or {}
+            lines.append(f"  captions {t['captions']} ({t['captions_per_image']} per image, {t['dropped_captions']} "
+                         f"dropped, {t['truncated_captions']} truncated)   measured {t['bytes_per_image']} B per image, "
+                         f"{t['bytes_per_caption']} B per caption" + ("   (imported)" if t["imported"] else ""))
+            if err:
+                lines.append(f"  fp16 vs fp32: 1 - cos per token max {err['one_minus_cos_max']:.2e}, "
+                             f"mean {err['one_minus_cos_mean']:.2e} (bound {err['bound']:.2e})")
         for name, f in g["fields"].items():
             lines.append(f"  field {name:<12} {f['dtype']:<10} {str(tuple(f['shape'])):<22} {f.get('codec', '')}")
         for name, f in g.get("codec_files", {}).items():  # once per group, not per sample
@@ -109,8 +123,10 @@ def verify(path: str | Path, samples: int = 8, with_models: bool = True, fidelit
         g = report["groups"][f"{m.kind}/{m.key}"]
         decoded = g.pop("_decoded")
         want_fid = fidelity and m.kind == TEACHER
-        ref = _reference(m, decoded) if (with_models or want_fid) and decoded else None
-        if with_models:
+        ref = _reference(m, decoded) if (with_models or want_fid) and decoded and m.kind != TEXT else None
+        if with_models and m.kind == TEXT:
+            g["fresh"] = fresh_text_compare(m, decoded, group_dir(root, m.kind, m.key))
+        elif with_models:
             g["fresh"] = _fresh_compare(root, m, decoded, ref)
         if want_fid:
             g["fidelity"] = _fidelity(root, m, decoded, ref)
@@ -137,6 +153,8 @@ def _verify_group(root: Path, m: GroupManifest, samples: int, progress=None) -> 
 
 def _codec_file_errors(gdir: Path, m: GroupManifest) -> list[str]:
     """Each codec file the group's codec needs must exist and match the manifest's sha256."""
+    if m.kind == TEXT:
+        return null_errors(gdir, m.codec_files)
     if not isinstance(m.spec, TeacherSpec):
         return []
     errors = []
@@ -174,9 +192,9 @@ def _reference(m: GroupManifest, decoded: list[tuple[str, dict]]) -> _Reference 
         return "latents were imported from precomputed moments (no VAE run to reproduce)"
     try:
         src_id = m.identity["source"]
-        source = open_source(m.source["location"], synthetic_classes=src_id["num_classes"],
-                             synthetic_seed=src_id.get("seed", 0),
-                             max_file_bytes=m.settings["transform"].get("max_file_bytes", DEFAULT_MAX_FILE_BYTES))
+        source = open_input(m.source["location"], synthetic_classes=src_id["num_classes"],
+                            synthetic_seed=src_id.get("seed", 0), crop=m.settings["transform"]["crop"],
+                            max_file_bytes=m.settings["transform"].get("max_file_bytes", DEFAULT_MAX_FILE_BYTES))
         if source.identity()["listing_sha256"] != src_id["listing_sha256"]:
             return "the source on disk differs from the one cached"
         model = _load_model(m)

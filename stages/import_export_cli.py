@@ -2,6 +2,7 @@
 
     haste import edm2 data/ --vae stabilityai/sd-vae-ft-ema --config C --set out=cache
     haste import repae data/ --vae stabilityai/sd-vae-ft-ema --latents-name sdvae --set out=cache
+    haste import uvit coco256_features/train --vae stabilityai/sd-vae-ft-ema [--images coco/train2014]
     haste export edm2 cache/ out/          # writes out/images/ + out/vae-sd/ (edm2 convert + encode)
 
 Teacher, shard size, dtypes, workers and the cache root come from the ``preprocess:`` section of
@@ -70,6 +71,27 @@ def import_repae(src: str, vae: str, latents_name: str, config_path: str | None,
                  dry_run: bool) -> None:
     """REPA-E layout: SRC/images.h5 + images_h5.json, SRC/NAME.h5 + NAME_h5.json."""
     _run_import("repae", src, vae, config_path, overrides, dry_run, latents_name=latents_name)
+
+
+@import_.command("uvit")
+@click.argument("src", type=click.Path(file_okay=False))
+@vae_option
+@click.option("--images", default="", help="the COCO split folder the features came from (train2014/ or val2014/ with "
+              "annotations/ beside it): keys = image ids, caption strings, and the teacher from the originals "
+              "(needed when HASTE's PNGs are clipped).")
+@config_option
+@set_option
+@dry_run_option
+def import_uvit(src: str, vae: str, images: str, config_path: str | None, overrides: tuple[str, ...],
+                dry_run: bool) -> None:
+    """U-ViT/HASTE coco256_features: SRC/{i}.npy (mean ++ logvar), SRC/{i}_{k}.npy, empty_context.npy[, {i}.png]."""
+    from stages.import_uvit import load_uvit_config, run_import_uvit
+
+    cfg = run_guarded(load_uvit_config, src, vae, images, config_path, overrides)
+    result = run_guarded(run_import_uvit, cfg, dry_run=dry_run)
+    dist.shutdown()
+    if dry_run or int(os.environ.get("RANK", "0")) == 0:
+        click.echo(json.dumps(result, indent=2))
 
 
 @export.command("edm2")

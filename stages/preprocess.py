@@ -1,4 +1,5 @@
-"""Stage 1: images -> SD-VAE posterior moments + DINOv2 teacher targets, as aligned shard groups.
+"""Stage 1: images -> SD-VAE posterior moments + DINOv2 teacher targets (+ caption encodings for
+captioned sources, ``stages.preprocess_text``), as aligned shard groups.
 
 Run it with ``haste preprocess`` (or ``make preprocess``); rerun the same command to resume.
 Under ``torchrun --nproc_per_node=N`` each rank writes the shards ``todo[rank::N]``; rank 0
@@ -26,15 +27,18 @@ from pipeline.cache.schema import (
     LATENTS,
     SCHEMA_VERSION,
     TEACHER,
+    TEXT,
     CacheFormatError,
     GroupManifest,
     LatentSpec,
     TeacherSpec,
+    TextSpec,
     bytes_per_sample,
     codec_file_records,
     get_codec,
 )
 from pipeline.cache.shards import atomic_write_json, remove_stale_temps
+from pipeline.cache.text import null_record
 from pipeline.configs import ConfigError, check, to_dict
 from pipeline.encoders import weights
 from pipeline.encoders.teacher import (
@@ -44,24 +48,37 @@ from pipeline.encoders.teacher import (
     Teacher,
     teacher_input_size,
 )
+from pipeline.encoders.text import DEFAULT_TEXT_ENCODER
 from pipeline.encoders.vae import DEFAULT_VAE, latent_scale_bias
+from pipeline.inputs.captions import CaptionedSource, open_input
 from pipeline.inputs.images import DEFAULT_MAX_PIXELS
-from pipeline.inputs.sources import DEFAULT_MAX_FILE_BYTES, Source, open_source
+from pipeline.inputs.sources import DEFAULT_MAX_FILE_BYTES, Source
 from stages.preprocess_engine import (  # noqa: F401  (PreprocessError, done_record: part of this stage's API)
     PreprocessError,
     done_record,
     encode_shards,
     progress_path,
 )
+from stages.preprocess_text import (
+    dry_run_entry,
+    encode_text_shards,
+    log_dropped,
+    text_identity,
+    text_settings,
+    text_spec,
+)
 
 log = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16"]
 CROP = "center-crop-dhariwal"
+MODEL_OF = {LATENTS: "vae", TEACHER: "teacher", TEXT: "text_encoder"}  # each group's model in models.json
 
 
 @dataclass(frozen=True, kw_only=True)
 class PreprocessConfig:
-    source: str = "synthetic:64"          # image folder tree | .tar shards (dir, file, {a..b}) | synthetic:<n>
+    # image folder tree | .tar shards (dir, file, {a..b}) | synthetic:<n>; captioned (pipeline.inputs.captions):
+    # coco:<root>/train2014 | captions:<folder or tars> | synthetic-captions:<n> (also recognised unprefixed)
+    source: str = "synthetic:64"
     out: str = "cache"                    # cache root (Makefile CACHE)
     resolution: int = 256
     shard_size: int = 256                 # samples per shard (both groups share the numbering)
@@ -94,6 +111,13 @@ class PreprocessConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger input files (and tar members) are skipped unread
     resume_verify: Literal["sha256", "size"] = "sha256"
+    crop: Literal["auto", "center-crop-dhariwal", "center-crop-uvit"] = "auto"  # auto: U-ViT's for captioned sources
+    # The text group (captioned sources only): U-ViT's CLIP ViT-L/14 last_hidden_state, 77 x 768 per caption
+    text_encoder: str = DEFAULT_TEXT_ENCODER  # hub id | local folder | random:tiny | random:l14 | none
+    text_max_length: int = 77
+    text_dtype: Literal["float16", "float32"] = "float16"
+    text_precision: Precision = "fp32"
+    text_batch_size: int = 128            # captions per text-encoder forward
 
     def __post_init__(self) -> None:
         check(self.resolution >= 32 and self.resolution % 16 == 0, "resolution", "must be a multiple of 16 (>= 32)")
@@ -110,6 +134,8 @@ class PreprocessConfig:
         except ValueError as e:
             raise type(e)(f"config field 'codec': {e}") from None
         check(self.feat_codec in FEAT_CODECS, "feat_codec", f"must be one of {list(FEAT_CODECS)}")
+        check(self.text_max_length > 0 and self.text_batch_size > 0, "text_max_length",
+              "text_max_length and text_batch_size must be positive")
 
     @property
     def wants_teacher(self) -> bool:
@@ -129,12 +155,14 @@ class GroupPlan:
     spec: LatentSpec | TeacherSpec
 
 
-def transform(cfg: PreprocessConfig) -> dict:
+def transform(cfg: PreprocessConfig, source: Source | None = None) -> dict:
     # max_pixels (and max_file_bytes) decide which inputs are skipped, so they are part of what the shards
     # contain; max_file_bytes only when set, so that the keys of groups built before it existed stay put
-    out = {"crop": CROP, "resolution": cfg.resolution, "hflip": False, "color": "RGB (alpha dropped)",
-           "max_pixels": cfg.max_pixels}
-    return out if cfg.max_file_bytes == DEFAULT_MAX_FILE_BYTES else {**out, "max_file_bytes": cfg.max_file_bytes}
+    base = {"crop": CROP, "resolution": cfg.resolution, "hflip": False, "color": "RGB (alpha dropped)",
+            "max_pixels": cfg.max_pixels}
+    if cfg.max_file_bytes != DEFAULT_MAX_FILE_BYTES:
+        base["max_file_bytes"] = cfg.max_file_bytes
+    return {**base, **source.transform} if isinstance(source, CaptionedSource) else base
 
 
 def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
@@ -167,7 +195,7 @@ def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
 
 def common_identity(cfg: PreprocessConfig, source: Source) -> dict:
     """The part of every group key shared by both groups: schema, dataset listing, transform, sharding."""
-    return {"schema_version": SCHEMA_VERSION, "source": source.identity(), "transform": transform(cfg),
+    return {"schema_version": SCHEMA_VERSION, "source": source.identity(), "transform": transform(cfg, source),
             "shard_size": cfg.shard_size}
 
 
@@ -193,6 +221,8 @@ def plan_groups(cfg: PreprocessConfig, source: Source) -> list[GroupPlan]:
     plans = [make_plan(cfg, LATENTS, lat_id, lat_spec)]
     if cfg.wants_teacher:
         plans.append(teacher_plan(cfg, source))
+    if isinstance(source, CaptionedSource) and cfg.text_encoder != "none":
+        plans.append(make_plan(cfg, TEXT, text_identity(cfg, source, common_identity(cfg, source)), text_spec(cfg)))
     return plans
 
 
@@ -202,6 +232,9 @@ def dry_run_report(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan]
                                               "rejected": source.num_rejected},
            "num_shards": math.ceil(n / cfg.shard_size), "groups": {}}
     for p in plans:
+        if p.kind == TEXT:
+            out["groups"][TEXT] = dry_run_entry(p, source)
+            continue
         bps = bytes_per_sample(p.kind, p.spec)
         status = "complete" if groups.is_complete(p.dir) else ("partial" if p.dir.exists() else "new")
         out["groups"][p.kind] = {"dir": str(p.dir), "status": status, "spec": dataclasses.asdict(p.spec),
@@ -228,17 +261,18 @@ def write_manifests(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan
             raise PreprocessError(f"{plan.dir}: shards {missing[:5]} are not complete; re-run the same command")
         skipped = [x for r in records for x in r.skipped]
         check_skip_fraction(cfg, source, skipped)
-        try:  # the teacher's q/k projections for tokens-*: written before any shard, hashed here
-            files = codec_file_records(plan.dir, plan.spec) if isinstance(plan.spec, TeacherSpec) else {}
+        try:  # the teacher's q/k projections for tokens-*, the text group's "" encoding: hashed here
+            files = (codec_file_records(plan.dir, plan.spec) if isinstance(plan.spec, TeacherSpec) else
+                     null_record(plan.dir, plan.spec) if isinstance(plan.spec, TextSpec) else {})
         except CacheFormatError as e:
             raise PreprocessError(str(e)) from None
         m = GroupManifest(
             kind=plan.kind, key=plan.key, spec=plan.spec, identity=plan.identity,
             source={"location": source.location, **source.identity(), "shard_size": cfg.shard_size,
                     **({"rejected": [dataclasses.asdict(r) for r in source.rejected]} if source.rejected else {})},
-            models={k: v for k, v in models.items() if (k == "vae") == (plan.kind == LATENTS)},
+            models={k: v for k, v in models.items() if k == MODEL_OF[plan.kind]},
             producer=groups.producer_info(), shards=tuple(records), classes=source.classes, codec_files=files,
-            settings={"transform": transform(cfg), "batch_size": cfg.batch_size,
+            settings={"transform": transform(cfg, source), "batch_size": cfg.batch_size,
                       "precision": cfg.vae_precision if plan.kind == LATENTS else cfg.teacher_precision,
                       **(extra_settings or {}).get(plan.kind, {})},
         )
@@ -275,8 +309,8 @@ def model_identities(plans: list[GroupPlan]) -> dict:
 def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
     """Build (or finish) the cache described by ``cfg``; returns a summary dict."""
     d = dist.init(cfg.device)
-    source = open_source(cfg.source, synthetic_classes=cfg.synthetic_classes, synthetic_seed=cfg.synthetic_seed,
-                         max_file_bytes=cfg.max_file_bytes)
+    source = open_input(cfg.source, synthetic_classes=cfg.synthetic_classes, synthetic_seed=cfg.synthetic_seed,
+                        crop=cfg.crop, max_file_bytes=cfg.max_file_bytes)
     plans = plan_groups(cfg, source)
     if dry_run:
         return dry_run_report(cfg, source, plans)
@@ -294,11 +328,20 @@ def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
     check_skip_fraction(cfg, source, [])  # what the listing already left out, before anything is written
     check_weights(cfg, pending)
     prepare_dirs(d, pending, Path(cfg.out), plans)
-    encode_shards(cfg, d, source, pending, num_shards)
-    dist.barrier()
+    image_groups = [p for p in pending if p.kind != TEXT]
+    if image_groups:
+        encode_shards(cfg, d, source, image_groups, num_shards)
+        dist.barrier()
+    text = next((p for p in pending if p.kind == TEXT), None)
+    if text is not None:  # after the image pass: its shards' skips decide the text shards' keys
+        if d.is_main:
+            log_dropped(source)
+        encode_text_shards(cfg, d, source, text, plans[0], num_shards)
+        dist.barrier()
     manifests: list[GroupManifest] = []
     if d.is_main:
-        manifests = write_manifests(cfg, source, pending, model_identities(pending), num_shards)
+        extra = {TEXT: text_settings(cfg, source, text, num_shards)} if text is not None else None
+        manifests = write_manifests(cfg, source, pending, model_identities(pending), num_shards, extra)
         record_in_index(cfg, source, plans)
     dist.barrier()
     return {"status": "built", "groups": {p.kind: str(p.dir) for p in plans},
@@ -308,7 +351,8 @@ def run(cfg: PreprocessConfig, dry_run: bool = False) -> dict:
 def check_weights(cfg: PreprocessConfig, plans: list[GroupPlan]) -> None:
     """Fail before creating any directory when hub weights are needed but unavailable offline."""
     kinds = {p.kind for p in plans}
-    for name, what, needed in ((cfg.vae, "VAE", LATENTS in kinds), (cfg.teacher, "teacher", TEACHER in kinds)):
+    for name, what, needed in ((cfg.vae, "VAE", LATENTS in kinds), (cfg.teacher, "teacher", TEACHER in kinds),
+                               (cfg.text_encoder, "text encoder", TEXT in kinds)):
         if needed and weights.parse(name).kind == "hub":
             weights.require_hub(name.removeprefix("hf-hub:"), what)
 
@@ -316,7 +360,7 @@ def check_weights(cfg: PreprocessConfig, plans: list[GroupPlan]) -> None:
 def record_in_index(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan]) -> None:
     keys = {p.kind: p.key for p in plans}
     groups.update_index(Path(cfg.out), keys[LATENTS], keys.get(TEACHER),
-                        {"source": source.location, "resolution": cfg.resolution})
+                        {"source": source.location, "resolution": cfg.resolution}, text_key=keys.get(TEXT))
 
 
 def finish_complete(cfg: PreprocessConfig, d: dist.DistInfo, source: Source, plans: list[GroupPlan]) -> list[str]:
@@ -329,7 +373,7 @@ def finish_complete(cfg: PreprocessConfig, d: dist.DistInfo, source: Source, pla
         return []
     repaired = [str(p) for p in remove_temps(Path(cfg.out), plans)]
     keys = {p.kind: p.key for p in plans}
-    if not groups.is_indexed(Path(cfg.out), keys[LATENTS], keys.get(TEACHER)):
+    if not groups.is_indexed(Path(cfg.out), keys[LATENTS], keys.get(TEACHER), keys.get(TEXT)):
         record_in_index(cfg, source, plans)
         log.info("the groups were complete but not recorded in %s (an earlier run stopped before writing it): "
                  "recorded them", Path(cfg.out) / groups.INDEX)

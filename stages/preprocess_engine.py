@@ -21,6 +21,7 @@ from tqdm import tqdm
 from pipeline.cache.schema import (
     CODEC_DIR,
     LATENTS,
+    TEXT,
     CacheFormatError,
     ShardRecord,
     codec_files,
@@ -31,6 +32,7 @@ from pipeline.cache.schema import (
     load_npy,
 )
 from pipeline.cache.shards import ShardWriter, atomic_write_bytes, atomic_write_json, shard_name, shard_ok
+from pipeline.cache.text import encode_text_sample
 from pipeline.dist import DistInfo
 from pipeline.encoders.teacher import Teacher, load_teacher
 from pipeline.encoders.vae import encode_moments, load_vae
@@ -122,15 +124,22 @@ class _ShardSink:
         self.plan, self.encode = plan, encode
         self.writers: dict[int, ShardWriter] = {}
         self.skipped: dict[int, list[tuple[str, str]]] = {}
+        self.failed: set[int] = set()
 
     def add(self, shard: int, keys: list[str], arrays: tuple[np.ndarray, ...], skipped: list[tuple[str, str]]) -> None:
         w = self.writers.get(shard) or self.writers.setdefault(
             shard, ShardWriter(self.plan.dir / shard_name(shard), shard))
-        for i, key in enumerate(keys):
-            w.add(key, self.encode(*(a[i] for a in arrays)))
+        try:
+            for i, key in enumerate(keys):
+                w.add(key, self.encode(*(a[i] for a in arrays)))
+        except BaseException:
+            self.failed.add(shard)  # the commit queued behind this write must not rename a partial shard
+            raise
         self.skipped.setdefault(shard, []).extend(skipped)
 
     def commit(self, shard: int) -> None:
+        if shard in self.failed:  # the add's error reaches the caller through its future; abort() drops the file
+            return
         w = self.writers.pop(shard, None) or ShardWriter(self.plan.dir / shard_name(shard), shard)
         rec = w.commit(tuple(self.skipped.pop(shard, [])))
         atomic_write_json(self.plan.dir / "progress" / f"{shard_name(shard)}.json", rec.__dict__)
@@ -145,6 +154,8 @@ def shard_sink(plan) -> _ShardSink:
     spec = plan.spec
     if plan.kind == LATENTS:
         return _ShardSink(plan, lambda label, m: encode_latent_sample(spec, int(label), m))
+    if plan.kind == TEXT:  # per image: (K, L, D) encodings and the K captions (stages.preprocess_text)
+        return _ShardSink(plan, lambda enc, captions: encode_text_sample(spec, enc, captions))
     inputs = get_codec(spec.codec).inputs  # the arrays after the features, in the order _compute gives them
     return _ShardSink(plan, lambda f, *arrays: encode_teacher_sample(spec, f, **dict(zip(inputs, arrays))))
 

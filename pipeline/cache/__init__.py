@@ -6,5 +6,6 @@
     groups          content-addressed group keys and ``index.json``
     reader          ``open_cache``, ``check_cache``, ``Requirements``, indexed shard reads
     loader          ``CacheStream`` / ``make_loader``: the resumable training stream
+    text            the text group: caption encodings, the empty-caption file, ragged batches, caption picks
     fidelity        how far decoded teacher targets are from exact ones (KL, gradient cosine)
 """

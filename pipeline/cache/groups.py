@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache.schema import LATENTS, SCHEMA_VERSION, TEACHER, CacheFormatError, read_manifest
+from pipeline.cache.schema import LATENTS, SCHEMA_VERSION, TEACHER, TEXT, CacheFormatError, read_manifest
 from pipeline.cache.shards import atomic_write_json, remove_stale_temps
 
 INDEX = "index.json"
@@ -71,10 +71,11 @@ def read_index(root: Path) -> dict[str, Any]:
         raise CacheFormatError(f"{path} is not valid JSON ({e})") from None
 
 
-def update_index(root: Path, latents_key: str, teacher_key: str | None, summary: dict[str, Any]) -> None:
-    """Record a completed (latents, teacher) pair; the newest pair is what readers open by default."""
+def update_index(root: Path, latents_key: str, teacher_key: str | None, summary: dict[str, Any],
+                 text_key: str | None = None) -> None:
+    """Record a completed (latents, teacher[, text]) run; the newest is what readers open by default."""
     index = read_index(root)
-    for kind, key in ((LATENTS, latents_key), (TEACHER, teacher_key)):
+    for kind, key in ((LATENTS, latents_key), (TEACHER, teacher_key), (TEXT, text_key)):
         if key is None:
             continue
         m = read_manifest(group_dir(root, kind, key))
@@ -83,18 +84,21 @@ def update_index(root: Path, latents_key: str, teacher_key: str | None, summary:
             "total_bytes": sum(s.bytes for s in m.shards), "source": m.source.get("location"),
             "models": {k: v.get("name") for k, v in m.models.items()},
         }
-    run = {"latents": latents_key, "teacher": teacher_key, **summary}
-    index["runs"] = [r for r in index["runs"] if (r["latents"], r["teacher"]) != (latents_key, teacher_key)]
+    run = {"latents": latents_key, "teacher": teacher_key, **({"text": text_key} if text_key else {}), **summary}
+    index["runs"] = [r for r in index["runs"]
+                     if (r["latents"], r["teacher"], r.get("text")) != (latents_key, teacher_key, text_key)]
     index["runs"].append(run)
     atomic_write_json(Path(root) / INDEX, index)
 
 
-def is_indexed(root: Path, latents_key: str, teacher_key: str | None) -> bool:
-    """Whether index.json records both groups and their pair (a kill before its write leaves them out)."""
+def is_indexed(root: Path, latents_key: str, teacher_key: str | None, text_key: str | None = None) -> bool:
+    """Whether index.json records the groups and their run (a kill before its write leaves them out)."""
     index = read_index(root)
-    names = [f"{LATENTS}/{latents_key}"] + ([f"{TEACHER}/{teacher_key}"] if teacher_key else [])
+    names = [f"{LATENTS}/{latents_key}"] + ([f"{TEACHER}/{teacher_key}"] if teacher_key else []) + (
+        [f"{TEXT}/{text_key}"] if text_key else [])
     return all(n in index.get("groups", {}) for n in names) and any(
-        (r.get("latents"), r.get("teacher")) == (latents_key, teacher_key) for r in index.get("runs", []))
+        (r.get("latents"), r.get("teacher"), r.get("text")) == (latents_key, teacher_key, text_key)
+        for r in index.get("runs", []))
 
 
 def remove_index_temps(root: Path) -> list[Path]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +33,9 @@ from pipeline.cache.reader import (
     sample_order,
     shard_order,
 )
-from pipeline.cache.schema import LATENTS, TEACHER, CacheFormatError, ShardRecord, decode_members
+from pipeline.cache.schema import LATENTS, TEACHER, TEXT, CacheFormatError, ShardRecord, decode_members
 from pipeline.cache.shards import file_sha256
+from pipeline.cache.text import collate_text
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,16 @@ def seek(counts: list[int], seed: int, slot: int, num_slots: int, skip: int) -> 
 
 
 class CacheStream(IterableDataset):
-    """Infinite stream of collated batches (dict of tensors) for one rank."""
+    """Infinite stream of collated batches (dict of tensors) for one rank; ``with_text`` adds the text
+    group's ragged caption encodings (``pipeline.cache.text.collate_text``)."""
 
     def __init__(self, cache: Cache, *, with_teacher: bool, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, start_batch: int = 0, shuffle: bool = True,
-                 verify: bool = True):
+                 verify: bool = True, with_text: bool = False):
         if with_teacher and cache.teacher is None:
             raise CacheMismatchError("a teacher stream was asked for but the cache was opened without a teacher")
+        if with_text and cache.text is None:
+            raise CacheMismatchError("a text stream was asked for but the cache was opened without need_text=True")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_size <= 0 or start_batch < 0:
@@ -88,6 +92,7 @@ class CacheStream(IterableDataset):
                 f"the cache has {cache.num_shards} shards but {world_size} rank(s) x {max(1, num_workers)} "
                 f"worker(s) = {num_slots} readers; lower data.num_workers or preprocess with a smaller shard_size")
         self.cache, self.with_teacher, self.batch_size, self.seed = cache, with_teacher, batch_size, seed
+        self.with_text = with_text
         self.rank, self.num_workers, self.num_slots = rank, max(1, num_workers), num_slots
         self.start_batch, self.shuffle, self.verify = start_batch, shuffle, verify
         self.counts = [s.count for s in cache.latents.shards]
@@ -131,27 +136,31 @@ class CacheStream(IterableDataset):
 
     def _read_shard(self, s: int, order: list[int]) -> Iterator[dict]:
         lat_path = self.cache.shard_path(LATENTS, s)
+        groups = {TEACHER: self.cache.teacher, TEXT: self.cache.text}
+        extra = [k for k, on in ((TEACHER, self.with_teacher), (TEXT, self.with_text)) if on]
         if self.verify:
             verify_shard(lat_path, self.cache.latents.shards[s])
-            if self.with_teacher:
-                verify_shard(self.cache.shard_path(TEACHER, s), self.cache.teacher.shards[s])
+            for k in extra:
+                verify_shard(self.cache.shard_path(k, s), groups[k].shards[s])
         lat_index = _checked_index(lat_path, self.counts[s])
-        t_path = self.cache.shard_path(TEACHER, s) if self.with_teacher else None
-        if t_path is not None:
-            t_index = _checked_index(t_path, self.counts[s])
-            for i, (a, b) in enumerate(zip(lat_index, t_index)):
+        paths = {k: self.cache.shard_path(k, s) for k in extra}
+        indexes = {k: _checked_index(paths[k], self.counts[s]) for k in extra}
+        for k in extra:
+            for i, (a, b) in enumerate(zip(lat_index, indexes[k])):
                 if a[0] != b[0]:
-                    raise CacheFormatError(f"{t_path}: sample {i} is {b[0]!r} but {lat_path} has {a[0]!r}; "
-                                           "latents and teacher shards are out of step (re-run `haste preprocess`)")
-        with _open_shard(lat_path) as lf, (_open_shard(t_path) if t_path is not None else nullcontext()) as tf:
+                    raise CacheFormatError(f"{paths[k]}: sample {i} is {b[0]!r} but {lat_path} has {a[0]!r}; "
+                                           f"latents and {k} shards are out of step (re-run `haste preprocess`)")
+        with ExitStack() as stack:
+            lf = stack.enter_context(_open_shard(lat_path))
+            handles = {k: stack.enter_context(_open_shard(paths[k])) for k in extra}
             for i in order:
                 key = lat_index[i][0]
                 out = decode_members(LATENTS, self.cache.latents.spec, read_sample(lat_path, lat_index[i], lf),
                                      where=f"{lat_path}:{key}")
                 out["key"] = key
-                if tf is not None:
-                    out.update(decode_members(TEACHER, self.cache.teacher.spec,
-                                              read_sample(t_path, t_index[i], tf), where=f"{t_path}:{key}"))
+                for k in extra:
+                    out.update(decode_members(k, groups[k].spec, read_sample(paths[k], indexes[k][i], handles[k]),
+                                              where=f"{paths[k]}:{key}"))
                 yield out
 
 
@@ -209,6 +218,8 @@ def collate(samples: list[dict]) -> dict:
     """Stack arrays into tensors (stored dtypes kept: fp16 stays fp16 until the device)."""
     out: dict = {"key": [s["key"] for s in samples],
                  "label": torch.tensor([s["label"] for s in samples], dtype=torch.long)}
+    if "text" in samples[0]:  # ragged: K captions per image
+        out.update(collate_text(samples))
     for name in samples[0]:
         if name not in out:
             out[name] = torch.from_numpy(np.stack([s[name] for s in samples]))

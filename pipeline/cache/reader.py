@@ -4,6 +4,9 @@
     check_cache(cache, Requirements(teacher_layers=(8, 9, 10, 11), num_tokens=256, ...))
     stream = CacheStream(cache, with_teacher=True, batch_size=32, seed=0, rank=0, world_size=1)
 
+Captioned caches also have a text group: ``open_cache(..., need_text=True)``, ``cache.text_null()``,
+``CacheStream(..., with_text=True)`` (``pipeline.cache.text`` documents the batch layout).
+
 Order is exact and resumable: each epoch permutes shards with (seed, epoch), gives shard
 ``order[slot::slots]`` to reader slot ``rank * workers + worker``, and visits the samples of a
 shard in a permutation seeded by (seed, epoch, shard). Members are read by offset (the tar
@@ -29,13 +32,16 @@ from pipeline.cache.groups import group_dir, read_index
 from pipeline.cache.schema import (
     LATENTS,
     TEACHER,
+    TEXT,
     CacheFormatError,
     GroupManifest,
     TeacherSpec,
+    TextSpec,
     get_codec,
     load_codec_params,
     read_manifest,
 )
+from pipeline.cache.text import NULL_FILE, cached_null
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +55,19 @@ class Cache:
     root: Path
     latents: GroupManifest
     teacher: GroupManifest | None
+    text: GroupManifest | None = None
 
     def shard_path(self, kind: str, index: int) -> Path:
-        m = self.latents if kind == LATENTS else self.teacher
+        m = {LATENTS: self.latents, TEACHER: self.teacher, TEXT: self.text}[kind]
         assert m is not None
         return group_dir(self.root, kind, m.key) / m.shards[index].name
+
+    def text_null(self) -> torch.Tensor:
+        """(L, D) in the stored dtype: the text group's empty-caption encoding (the CFG null), sha256-checked,
+        read once per process."""
+        assert self.text is not None and isinstance(self.text.spec, TextSpec), "open the cache with need_text=True"
+        sha = self.text.codec_files.get(NULL_FILE, {}).get("sha256", "")
+        return cached_null(str(group_dir(self.root, TEXT, self.text.key)), self.text.spec, sha)
 
     @property
     def num_shards(self) -> int:
@@ -96,21 +110,24 @@ def _device_params(gdir: str, spec: TeacherSpec, sha: tuple[tuple[str, str], ...
 
 
 def open_cache(root: str | Path, *, latents: str | None = None, teacher: str | None = None,
-               need_teacher: bool = True) -> Cache:
+               need_teacher: bool = True, text: str | None = None, need_text: bool = False) -> Cache:
     """Open the groups of a cache root; by default the newest (latents, teacher) pair in index.json.
 
     With ``need_teacher=False`` the teacher group is neither opened nor required to exist. The
     latents group is chosen the same way whatever ``need_teacher`` is (an explicit ``teacher`` key
     still selects the run it was recorded with), so Phase I and a Phase II reopen that pass the same
     keys read the same latents. When the newest run for the chosen latents recorded no teacher, the
-    newest teacher group recorded for those same latents is used.
+    newest teacher group recorded for those same latents is used. ``need_text`` (or a ``text`` key) opens
+    the text group of a captioned cache the same way: the newest one recorded for the chosen latents.
     """
     root = Path(root)
     if not root.is_dir():
         raise CacheFormatError(f"cache not found: {root} (run `haste preprocess` first)")
     runs = list(reversed(read_index(root).get("runs", [])))  # newest first
-    pick = next((r for r in runs if latents in (None, r.get("latents")) and teacher in (None, r.get("teacher"))),
-                None)
+    pick = next((r for r in runs if latents in (None, r.get("latents")) and teacher in (None, r.get("teacher"))
+                 and text in (None, r.get("text"))), None)
+    if pick is None and text is not None:  # a text group recorded with other teacher keys: its latents
+        pick = next((r for r in runs if text == r.get("text") and latents in (None, r.get("latents"))), None)
     if pick is None and teacher is not None:
         if need_teacher and latents is None:
             raise CacheMismatchError(f"{root}: index.json records no run with teacher group {teacher}; "
@@ -120,8 +137,9 @@ def open_cache(root: str | Path, *, latents: str | None = None, teacher: str | N
     if lat_key is None:
         raise CacheFormatError(f"{root}: no complete latents group recorded in index.json")
     lat = _read_group(root, LATENTS, lat_key)
+    txt = _open_text(root, lat, text, runs) if need_text or text is not None else None
     if not need_teacher:
-        return Cache(root, lat, None)
+        return Cache(root, lat, None, txt)
     t_key = teacher or (pick or {}).get("teacher")
     if t_key is None:  # a later latents-only run may have been recorded for the same latents
         t_key = next((r.get("teacher") for r in runs if r.get("latents") == lat_key and r.get("teacher")), None)
@@ -134,7 +152,21 @@ def open_cache(root: str | Path, *, latents: str | None = None, teacher: str | N
                                  "Re-run `haste preprocess` with the same config to rebuild them.")
     tm = _read_group(root, TEACHER, t_key)
     _check_aligned(lat, tm)
-    return Cache(root, lat, tm)
+    return Cache(root, lat, tm, txt)
+
+
+def _open_text(root: Path, lat: GroupManifest, key: str | None, runs: list[dict]) -> GroupManifest:
+    key = key or next((r["text"] for r in runs if r.get("latents") == lat.key and r.get("text")), None)
+    if key is None:
+        raise CacheMismatchError(f"{root}: no text group recorded for latents group {lat.key}; text-to-image "
+                                 "training needs a captioned source (COCO, caption folder or tars, "
+                                 "synthetic-captions:<n>) preprocessed with a text_encoder")
+    if not group_dir(root, TEXT, key).is_dir():
+        raise CacheMismatchError(f"text group {group_dir(root, TEXT, key)} is missing; re-run `haste preprocess` "
+                                 "with the same config to rebuild it")
+    tm = _read_group(root, TEXT, key)
+    _check_aligned(lat, tm)
+    return tm
 
 
 def _read_group(root: Path, kind: str, key: str) -> GroupManifest:
@@ -148,19 +180,21 @@ def _read_group(root: Path, kind: str, key: str) -> GroupManifest:
 
 
 def _check_aligned(lat: GroupManifest, tm: GroupManifest) -> None:
+    """``tm`` (a teacher or text group) holds the same samples as ``lat``, in the same shards."""
+    kind = tm.kind
     for field in ("listing_sha256", "count", "shard_size"):
         if lat.source.get(field) != tm.source.get(field):
-            raise CacheMismatchError(f"latents group {lat.key} and teacher group {tm.key} come from different "
+            raise CacheMismatchError(f"latents group {lat.key} and {kind} group {tm.key} come from different "
                                      f"sources (source.{field}: {lat.source.get(field)} vs {tm.source.get(field)})")
     if lat.settings.get("transform") != tm.settings.get("transform"):
-        raise CacheMismatchError(f"latents and teacher groups differ in transform: "
+        raise CacheMismatchError(f"latents and {kind} groups differ in transform: "
                                  f"{lat.settings.get('transform')} vs {tm.settings.get('transform')}")
     if len(lat.shards) != len(tm.shards):
-        raise CacheMismatchError(f"latents group {lat.key} has {len(lat.shards)} shards but teacher group "
+        raise CacheMismatchError(f"latents group {lat.key} has {len(lat.shards)} shards but {kind} group "
                                  f"{tm.key} has {len(tm.shards)}")
     for a, b in zip(lat.shards, tm.shards):
         if (a.count, a.first_key, a.last_key) != (b.count, b.first_key, b.last_key):
-            raise CacheMismatchError(f"shard {a.name} differs between the latents and teacher groups")
+            raise CacheMismatchError(f"shard {a.name} differs between the latents and {kind} groups")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +210,8 @@ class Requirements:
     feat_dim: int | None = None
     need_features: bool = False
     need_attention: bool = False
+    text_dim: int | None = None       # text-to-image: the model's context width (CLIP ViT-L/14: 768)
+    text_length: int | None = None    # and its context length (77)
 
 
 def check_cache(cache: Cache, req: Requirements) -> None:
@@ -195,8 +231,22 @@ def check_cache(cache: Cache, req: Requirements) -> None:
             problems.append("alignment losses need a teacher group, but none is open")
         else:
             problems += _teacher_problems(ts, req)
+    if req.text_dim is not None or req.text_length is not None:
+        problems += _text_problems(cache, req)
     if problems:
         raise CacheMismatchError(f"cache {cache.root} does not fit the config: " + "; ".join(problems))
+
+
+def _text_problems(cache: Cache, req: Requirements) -> list[str]:
+    spec = cache.text.spec if cache.text else None
+    if not isinstance(spec, TextSpec):
+        return ["text conditioning needs a text group, but none is open (open_cache(..., need_text=True))"]
+    out = []
+    if req.text_dim is not None and spec.dim != req.text_dim:
+        out.append(f"text encodings are {spec.dim}-dimensional but the model's context width is {req.text_dim}")
+    if req.text_length is not None and spec.max_length != req.text_length:
+        out.append(f"text encodings have {spec.max_length} tokens but the model expects {req.text_length}")
+    return out
 
 
 def _teacher_problems(ts: TeacherSpec, req: Requirements) -> list[str]:

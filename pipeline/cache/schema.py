@@ -13,6 +13,12 @@ keys in the same order), so a latents-only reader never streams teacher bytes:
                                      or <k>.x.npy        (L, T, D [+2])  codec tokens-*
     teacher/<key>/codec/             qk_weight.npy (L, 2, H, hd, D), qk_bias.npy (L, 2, H, hd)
                                      float32, once per group (codec tokens-*; sha256 in the manifest)
+    text/<key>/shard-000000.tar      <k>.text.npy     (K, max_length, dim) every caption's encoding
+                                     <k>.captions.json  JSON list of the K caption strings
+    text/<key>/codec/                empty_caption.npy (max_length, dim): the "" encoding (CFG null)
+
+A text group (captioned sources) is aligned with the latents like the teacher group; K varies
+per image (``-1`` in a field shape). Its writer and batching live in ``pipeline.cache.text``.
 
 Arrays are ``.npy`` written with ``allow_pickle=False`` and read back the same way: a cache can
 never execute code. See README "Cache format" for the manifest layout. The codecs themselves
@@ -45,7 +51,7 @@ from pipeline.cache.codecs import (  # noqa: F401  (re-exported: the schema is t
 )
 
 SCHEMA_VERSION = 1
-LATENTS, TEACHER = "latents", "teacher"
+LATENTS, TEACHER, TEXT = "latents", "teacher", "text"
 SD_VAE_SCALE = 0.18215  # SD-VAE latent scale (SPEC §4); recorded per cache, applied at train time
 
 
@@ -84,8 +90,20 @@ class TeacherSpec:
         return self.grid * self.grid
 
 
-def spec_from_dict(kind: str, data: Mapping[str, Any]) -> LatentSpec | TeacherSpec:
-    cls = LatentSpec if kind == LATENTS else TeacherSpec
+@dataclass(frozen=True, kw_only=True)
+class TextSpec:
+    max_length: int = 77            # tokens per caption (CLIP: padded/truncated to 77)
+    dim: int = 768                  # text encoder width (CLIP ViT-L/14: 768)
+    dtype: str = "float16"          # stored dtype of every encoding and of the empty-caption file
+
+
+AnySpec = LatentSpec | TeacherSpec | TextSpec
+
+
+def spec_from_dict(kind: str, data: Mapping[str, Any]) -> AnySpec:
+    cls = {LATENTS: LatentSpec, TEACHER: TeacherSpec, TEXT: TextSpec}.get(kind)
+    if cls is None:
+        raise CacheFormatError(f"unknown group kind {kind!r} in manifest")
     names = {f.name for f in dataclasses.fields(cls)}
     try:
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
@@ -98,8 +116,11 @@ def spec_from_dict(kind: str, data: Mapping[str, Any]) -> LatentSpec | TeacherSp
 # Fields, sample encode/decode
 # ----------------------------------------------------------------------------------------------
 
-def fields(kind: str, spec: LatentSpec | TeacherSpec) -> dict[str, dict[str, Any]]:
-    """Member extension -> {dtype, shape[, codec]} for one group; ``cls`` is ASCII text."""
+def fields(kind: str, spec: AnySpec) -> dict[str, dict[str, Any]]:
+    """Member extension -> {dtype, shape[, codec]} for one group; ``cls`` is ASCII text; -1 = K captions."""
+    if isinstance(spec, TextSpec):
+        return {"text.npy": {"dtype": spec.dtype, "shape": [-1, spec.max_length, spec.dim]},
+                "captions.json": {"dtype": "json", "shape": [-1]}}
     if kind == LATENTS:
         assert isinstance(spec, LatentSpec)
         return {"moments.npy": {"dtype": spec.dtype, "shape": list(spec.moments_shape)},
@@ -134,6 +155,8 @@ def load_npy(data: bytes, *, dtype: str, shape: tuple[int, ...], where: str) -> 
     found_shape, fortran, found_dtype = header
     if found_dtype.hasobject or fortran:
         raise CacheFormatError(f"{where}: not a plain .npy array (object dtype or Fortran order)")
+    if len(shape) == len(found_shape):  # -1 matches any positive length (a text sample's caption count)
+        shape = tuple(f if s == -1 and f > 0 else s for s, f in zip(shape, found_shape))
     if found_dtype != np.dtype(dtype) or tuple(found_shape) != tuple(shape):
         raise CacheFormatError(f"{where}: expected {dtype} {tuple(shape)}, found {found_dtype} {tuple(found_shape)}")
     offset = fp.tell()
@@ -196,25 +219,37 @@ def decode_members(kind: str, spec: LatentSpec | TeacherSpec, members: Mapping[s
         raise CacheFormatError(f"{where}: members missing {missing} / unexpected {extra}")
     out: dict[str, Any] = {}
     for ext, info in expected.items():
-        name = ext.removesuffix(".npy")
+        name = ext.rsplit(".", 1)[0]
         if ext == "cls":
             try:
                 out["label"] = int(members[ext].decode("ascii"))
             except (UnicodeDecodeError, ValueError):
                 raise CacheFormatError(f"{where}: .cls is not an ASCII integer") from None
+        elif info["dtype"] == "json":  # the captions: a JSON list of strings (null = unknown, imported)
+            try:
+                out[name] = json.loads(members[ext].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise CacheFormatError(f"{where}.{ext} is not UTF-8 JSON") from None
+            if not isinstance(out[name], list) or not all(c is None or isinstance(c, str) for c in out[name]):
+                raise CacheFormatError(f"{where}.{ext} is not a JSON list of strings")
         else:
             out[name] = load_npy(members[ext], dtype=info["dtype"], shape=tuple(info["shape"]), where=f"{where}.{ext}")
+    if "captions" in out and len(out["captions"]) != len(out["text"]):
+        raise CacheFormatError(f"{where}: {len(out['captions'])} captions but {len(out['text'])} encodings")
     return out
 
 
-def bytes_per_sample(kind: str, spec: LatentSpec | TeacherSpec) -> dict[str, int]:
-    """Exact payload bytes per member (npy header included) and the tar footprint per sample."""
+def bytes_per_sample(kind: str, spec: AnySpec) -> dict[str, int]:
+    """Exact payload bytes per member (npy header included) and the tar footprint per sample (text: of
+    an image with one 60-character caption; ``pipeline.cache.text.text_bytes`` counts K captions)."""
     sizes = {}
     for ext, info in fields(kind, spec).items():
         if ext == "cls":
             sizes[ext] = 4  # up to 4 ASCII digits for ImageNet-1k labels
+        elif info["dtype"] == "json":
+            sizes[ext] = 64  # ["<60 characters>"]
         else:
-            sizes[ext] = len(npy_bytes(np.zeros(info["shape"], dtype=info["dtype"])))
+            sizes[ext] = len(npy_bytes(np.zeros([max(1, d) for d in info["shape"]], dtype=info["dtype"])))
     tar = sum(512 + -(-n // 512) * 512 for n in sizes.values())  # header + padded payload per member
     return {"payload": sum(sizes.values()), "tar": tar, **{f"field:{k}": v for k, v in sizes.items()}}
 
@@ -335,9 +370,9 @@ class ShardRecord:
 
 @dataclass(frozen=True)
 class GroupManifest:
-    kind: str                        # "latents" | "teacher"
+    kind: str                        # "latents" | "teacher" | "text"
     key: str                         # content address of the group (dir name)
-    spec: LatentSpec | TeacherSpec
+    spec: AnySpec
     identity: dict[str, Any]         # everything that went into the key
     source: dict[str, Any]           # path, count, class list (hash), per-shard counts
     models: dict[str, Any]           # name, weight sha256, dtype, autocast per model

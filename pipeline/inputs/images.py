@@ -10,7 +10,8 @@ This module owns everything between "bytes on disk" and "a uint8 (size, size, 3)
   undecodable, truncated, decompression bomb, unsupported mode) becomes ``SkipImage(reason)``,
   which the preprocess stage lists in its manifest instead of crashing a multi-hour run.
 - ``center_crop_adm`` / ``to_rgb``: the two pure pieces, tested against a re-implementation of
-  guided-diffusion's ``center_crop_arr``.
+  guided-diffusion's ``center_crop_arr``; ``center_crop_uvit`` (captioned sources, SPEC §8) against
+  U-ViT's ``center_crop``.
 
 No global PIL state is touched: ``Image.MAX_IMAGE_PIXELS`` and ``ImageFile.LOAD_TRUNCATED_IMAGES``
 keep whatever values the process has; the bomb limit is our own ``max_pixels`` argument.
@@ -95,6 +96,26 @@ def center_crop_adm(img: Image.Image, size: int) -> Image.Image:
     return img.crop((crop_x, crop_y, crop_x + size, crop_y + size))
 
 
+def center_crop_uvit(img: Image.Image, size: int) -> Image.Image:
+    """U-ViT ("center-crop-uvit", SPEC §8) crop of ``img`` to ``size x size``: the central square
+    (side = short side), then one LANCZOS resize. Follows U-ViT ``datasets.py`` ``center_crop``
+    (https://github.com/baofff/U-ViT/blob/main/datasets.py), which slices the array
+    ``[(h - c) // 2 : (h + c) // 2]``; the same box here, so the pixels are identical.
+    """
+    if size < 1:
+        raise ValueError(f"crop size must be >= 1, got {size}")
+    w, h = img.size
+    c = min(w, h)
+    box = ((w - c) // 2, (h - c) // 2, (w + c) // 2, (h + c) // 2)
+    return img.crop(box).resize((size, size), resample=Image.LANCZOS)
+
+
+# Crop name (as recorded in the manifest's transform) -> function. U-ViT's loader ignores EXIF
+# orientation (``Image.open(...).convert("RGB")``); we keep that for its crop, so the pixels match.
+CROPS = {"center-crop-dhariwal": center_crop_adm, "center-crop-uvit": center_crop_uvit}
+APPLIES_EXIF = {"center-crop-dhariwal": True, "center-crop-uvit": False}
+
+
 def _high_bit_grey_to_l(img: Image.Image) -> Image.Image:
     """16-bit ('I;16*', 'I') greyscale -> 'L' by scaling 0..65535 to 0..255.
 
@@ -168,7 +189,8 @@ def _decode_error_reason(exc: BaseException) -> str:
     return f"decode error: {type(exc).__name__}: {message}"
 
 
-def _open_and_crop(data: bytes, size: int, max_pixels: int, apply_exif: bool) -> np.ndarray:
+def _open_and_crop(data: bytes, size: int, max_pixels: int, apply_exif: bool,
+                   crop: str = "center-crop-dhariwal") -> np.ndarray:
     """The happy path of ``decode_image``; PIL exceptions propagate to the caller."""
     with warnings.catch_warnings():
         # PIL warns between MAX_IMAGE_PIXELS and 2x; our own max_pixels check replaces that. The
@@ -180,8 +202,9 @@ def _open_and_crop(data: bytes, size: int, max_pixels: int, apply_exif: bool) ->
             # partly grey image (LOAD_TRUNCATED_IMAGES stays False).
             img.load()
             rgb = to_rgb(img, apply_exif=apply_exif)
-            _check_upscale_budget(rgb.width, rgb.height, size, max_pixels)
-            out = np.asarray(center_crop_adm(rgb, size), dtype=np.uint8)
+            if crop == "center-crop-dhariwal":  # U-ViT's crop resizes the square: no large intermediate
+                _check_upscale_budget(rgb.width, rgb.height, size, max_pixels)
+            out = np.asarray(CROPS[crop](rgb, size), dtype=np.uint8)
     if out.shape != (size, size, 3):
         raise SkipImage(f"unexpected output shape {out.shape}")
     return out
@@ -194,8 +217,10 @@ def decode_image(
     name: str = "",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     apply_exif: bool = True,
+    crop: str = "center-crop-dhariwal",
 ) -> np.ndarray:
-    """Encoded image bytes -> uint8 (size, size, 3) HWC RGB, ADM center-cropped.
+    """Encoded image bytes -> uint8 (size, size, 3) HWC RGB, center-cropped by ``crop`` (ADM's default,
+    or ``center-crop-uvit``; a key of ``CROPS``).
 
     Raises ``SkipImage`` (with a short reason) for empty, undecodable, truncated, oversized
     (``width * height > max_pixels``, checked from the header before any pixel is decoded) or
@@ -207,7 +232,7 @@ def decode_image(
     if not data:
         raise SkipImage("empty file")
     try:
-        return _open_and_crop(data, size, max_pixels, apply_exif)
+        return _open_and_crop(data, size, max_pixels, apply_exif, crop)
     except SkipImage as exc:
         logger.debug("skip %s: %s", name or "<bytes>", exc.reason)
         raise
@@ -288,6 +313,18 @@ class _Walk:
 
     def _unreadable(self, e: OSError) -> None:
         self.rejected.append((display_path(e.filename), f"unreadable directory: {e.strerror or e}"))
+
+
+def scan_image_tree(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every image file below ``root`` (any depth, sorted walk; no class folders), with the same
+    rules as a class folder of ``scan_image_folder``: directory symlinks followed once each, loops
+    and hidden folders not, non-UTF-8 names left out. Returns (files, [(path, reason)] left out)."""
+    walk = _Walk(root)
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=walk._unreadable):
+        dirnames[:] = [d for d in sorted(dirnames) if walk._follow(Path(dirpath) / d, walk.root_real)]
+        found.extend(Path(dirpath) / f for f in filenames if is_image_file(f) and walk._utf8(Path(dirpath) / f))
+    return found, walk.rejected
 
 
 def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:

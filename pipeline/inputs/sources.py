@@ -131,7 +131,7 @@ def open_source(spec: str, *, synthetic_classes: int = 8, synthetic_seed: int = 
         items = tuple(Item(key=f"{classes[i % synthetic_classes]}/img_{i:06d}", label=i % synthetic_classes)
                       for i in range(n))
         return Source("synthetic", spec, classes, items, synthetic_seed)
-    tars = _tar_paths(spec)
+    tars = tar_paths(spec)
     if tars:
         return _wds_source(spec, tars, max_file_bytes)
     root = Path(spec)
@@ -158,7 +158,7 @@ def open_source(spec: str, *, synthetic_classes: int = 8, synthetic_seed: int = 
                   max_file_bytes=max_file_bytes)
 
 
-def _tar_paths(spec: str) -> list[Path]:
+def tar_paths(spec: str) -> list[Path]:
     import braceexpand
 
     if spec.endswith(".tar") or "{" in spec:
@@ -174,7 +174,7 @@ def _tar_paths(spec: str) -> list[Path]:
     return paths
 
 
-def _scan_tar(tar: Path) -> tuple[list[tarfile.TarInfo], str | None]:
+def scan_tar(tar: Path) -> tuple[list[tarfile.TarInfo], str | None]:
     """The tar's complete members and, when it does not end with the end-of-archive marker, why.
 
     ``tarfile`` stops silently at a header cut off at a block boundary (or garbled), so a tar cut
@@ -238,7 +238,7 @@ def _tar_items(tar: Path, members: list[tarfile.TarInfo], cut: bool) -> tuple[li
 
 def _wds_source(spec: str, tars: list[Path], max_file_bytes: int) -> Source:
     """Index ImageNet-wds shards; a tar cut short keeps its complete samples, the rest count as lost."""
-    scans = [(tar, *_scan_tar(tar)) for tar in tars]
+    scans = [(tar, *scan_tar(tar)) for tar in tars]
     per_tar = [(tar, cut, *_tar_items(tar, members, cut is not None)) for tar, members, cut in scans]
     full = [len(its) + len(rej) for _, cut, its, rej, _ in per_tar if cut is None]
     items: list[Item] = []

@@ -117,7 +117,14 @@ def synth_image(index: int, num_classes: int, size: int, seed: int = 0) -> tuple
     label = index % num_classes
     shape, hue, bg_kind = class_attributes(label)
     rng = np.random.default_rng((seed, index))
+    return render(rng, size, shape, hue / NUM_HUES, bg_kind), label
 
+
+def render(rng: np.random.Generator, size: int, shape: int, fg_hue: float, bg_kind: int,
+           bg_hue: float | None = None) -> np.ndarray:
+    """One shape of hue ``fg_hue`` (in [0, 1)) on a textured background of hue ``bg_hue`` (default:
+    the complementary hue), with position, scale, rotation, colour jitter and noise from ``rng``;
+    uint8 (size, size, 3). ``synth_image`` and the captioned synthetic set share it."""
     # Pixel-centre coordinates in [-1, 1], so geometry is resolution-independent.
     coords = (np.arange(size, dtype=np.float64) + 0.5) / size * 2.0 - 1.0
     v, u = coords[:, None], coords[None, :]  # (S, 1), (1, S): broadcast instead of meshgrid
@@ -126,9 +133,10 @@ def synth_image(index: int, num_classes: int, size: int, seed: int = 0) -> tuple
     cx, cy = rng.uniform(-0.25, 0.25, size=2)
     radius = rng.uniform(0.35, 0.5)
     angle = rng.uniform(-0.3, 0.3)  # radians, ~ +-17 degrees: shapes stay recognisable
-    fg = _hue_rgb((hue / NUM_HUES + rng.uniform(-0.02, 0.02)) % 1.0, rng.uniform(0.85, 1.0))
-    # Background: complementary hue, dark, so foreground contrast is always high.
-    bg = _hue_rgb((hue / NUM_HUES + 0.5 + rng.uniform(-0.03, 0.03)) % 1.0, rng.uniform(0.25, 0.4))
+    fg = _hue_rgb((fg_hue + rng.uniform(-0.02, 0.02)) % 1.0, rng.uniform(0.85, 1.0))
+    # Background: complementary hue unless given, dark, so foreground contrast is always high.
+    bg_hue = fg_hue + 0.5 if bg_hue is None else bg_hue
+    bg = _hue_rgb((bg_hue + rng.uniform(-0.03, 0.03)) % 1.0, rng.uniform(0.25, 0.4))
 
     cos, sin = np.cos(angle), np.sin(angle)
     x = cos * (u - cx) + sin * (v - cy)
@@ -145,7 +153,7 @@ def synth_image(index: int, num_classes: int, size: int, seed: int = 0) -> tuple
     img = alpha32 * (fg * 255.0).astype(np.float32) + (1.0 - alpha32) * (back * 255.0).astype(np.float32)
     img += rng.standard_normal(size=(size, size, 3), dtype=np.float32) * np.float32(0.03 * 255.0)
     # +0.5 then truncation = round-half-up for the non-negative values left after clipping.
-    return (np.clip(img, 0.0, 255.0) + 0.5).astype(np.uint8), label
+    return (np.clip(img, 0.0, 255.0) + 0.5).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
