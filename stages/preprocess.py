@@ -148,7 +148,8 @@ def teacher_spec(cfg: PreprocessConfig) -> TeacherSpec:
                           f"{cfg.teacher_arch!r}: {e}") from None
     spec = TeacherSpec(layers=cfg.teacher_layers, num_heads=t.num_heads, head_dim=t.head_dim, embed_dim=t.embed_dim,
                        grid=t.grid, num_prefix_tokens=t.num_prefix_tokens, scale=t.scale,
-                       feat_dtype=cfg.feat_dtype, codec=cfg.codec, feat_codec=cfg.feat_codec)
+                       feat_dtype=cfg.feat_dtype, codec=cfg.codec, feat_codec=cfg.feat_codec, depth=t.depth,
+                       mlp_dim=t.mlp_dim)
     try:  # a codec can depend on the teacher's dims (a low-rank rank must not exceed head_dim)
         get_codec(cfg.codec).members(spec)
     except ValueError as e:

@@ -44,7 +44,7 @@ that ignores ``feat_scale`` still computes the exact loss of the quantised targe
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -65,11 +65,12 @@ from pipeline.cache.codecs_base import (  # noqa: F401  (re-exported: import cod
 from pipeline.cache.codecs_base import load as _load
 from pipeline.cache.codecs_base import row_dims as _row_dims
 from pipeline.cache.codecs_base import store as _store
+from pipeline.cache.codecs_stream import STREAM_PRECISIONS, stream_codec
 from pipeline.cache.codecs_tokens import tokens_codec
 
 _PRECISIONS = PRECISIONS
 _ALL = ("fp16", "fp32", "int8")
-_LAYOUT_PRECISIONS = {"qk": _ALL, "logits": ("fp16",), "lowrank": _ALL, "tokens": _ALL}
+_LAYOUT_PRECISIONS = {"qk": _ALL, "logits": ("fp16",), "lowrank": _ALL, "tokens": _ALL, "stream": STREAM_PRECISIONS}
 _NAME = re.compile(r"^(?P<layout>[a-z]+)(?:-r(?P<rank>[^-]*))?-(?P<precision>[a-z0-9]+)$")
 
 
@@ -78,7 +79,8 @@ def parse_codec_name(name: str) -> tuple[str, int | None, str]:
     m = _NAME.match(name)
     if m is None:
         raise CacheFormatError(f"unknown attention codec {name!r}: expected none, qk-<precision>, "
-                               "logits-<precision>, lowrank-r<rank>-<precision> or tokens-<precision>")
+                               "logits-<precision>, lowrank-r<rank>-<precision>, tokens-<precision> or "
+                               "stream-<precision>")
     layout, rank, prec = m["layout"], m["rank"], m["precision"]
     if layout not in _LAYOUT_PRECISIONS:
         raise CacheFormatError(f"unknown attention codec {name!r}: field 'layout' must be one of "
@@ -201,6 +203,8 @@ def get_codec(name: str) -> AttnCodec:
         return _logits_codec(prec)
     if layout == "tokens":
         return tokens_codec(prec)
+    if layout == "stream":
+        return stream_codec(prec)
     assert rank is not None
     return _lowrank_codec(rank, prec)
 
@@ -209,7 +213,8 @@ def get_codec(name: str) -> AttnCodec:
 # accepts any other rank.
 CODECS: dict[str, AttnCodec] = {n: get_codec(n) for n in (
     "qk-fp32", "qk-fp16", "logits-fp16", "qk-int8", "lowrank-r32-fp16", "lowrank-r16-int8",
-    "lowrank-r24-int8", "lowrank-r32-int8", "tokens-int8", "none")}
+    "lowrank-r24-int8", "lowrank-r32-int8", "tokens-int8", "stream-int8", "stream-int10", "stream-int12",
+    "stream-fp16", "none")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,3 +253,40 @@ def decode_features(arrays: Mapping[str, Any]) -> torch.Tensor:
 def _float(x: Any) -> torch.Tensor:
     # astype copies, so read-only zero-copy views of shard bytes are never wrapped by torch
     return torch.from_numpy(np.asarray(x).astype(np.float32)) if not torch.is_tensor(x) else x.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Both targets through one call
+# ----------------------------------------------------------------------------------------------
+
+def decode_targets(spec: Any, arrays: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None,
+                   layer_index: Sequence[int] | None = None, *, features: bool = True,
+                   attention: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A batch's teacher targets from its stored members (on the decode device): features (N, T, D)
+    and attention logits (N, L', H, T, T) of the layers at positions ``layer_index`` of ``spec.layers``
+    (all when None, in the given order), float32; None for what was not asked for.
+
+    ``params``: the group's codec arrays on the same device, already cut to ``layer_index`` for a
+    ``per_layer`` codec (``pipeline.cache.reader`` does both). Per-layer codecs decode the logits from
+    their members cut to those layers and the features from ``feat`` (+ ``feat_scale``); a codec that
+    derives the features (stream-*) returns both from one decode.
+    """
+    codec = get_codec(spec.codec)
+    if codec.targets is not None:
+        return codec.targets(arrays, spec, params, layer_index, features, attention)
+    feat = decode_features(arrays) if features else None
+    logits = None
+    if attention:
+        members = {n: _select_layers(arrays[n], layer_index) for n in codec.members(spec)}
+        logits = codec.decode(members, spec.scale, params)
+    return feat, logits
+
+
+def _select_layers(x: torch.Tensor, index: Sequence[int] | None) -> torch.Tensor:
+    """Layer axis 1 cut to ``index``: a view for a contiguous run (no gather, no host sync)."""
+    if index is None:
+        return x
+    idx = list(index)
+    if idx and idx == list(range(idx[0], idx[0] + len(idx))):
+        return x.narrow(1, idx[0], len(idx))
+    return x[:, idx]
