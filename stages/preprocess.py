@@ -197,7 +197,23 @@ def dry_run_report(cfg: PreprocessConfig, source: Source, plans: list[GroupPlan]
         status = "complete" if groups.is_complete(p.dir) else ("partial" if p.dir.exists() else "new")
         out["groups"][p.kind] = {"dir": str(p.dir), "status": status, "spec": dataclasses.asdict(p.spec),
                                  "bytes_per_sample": bps, "projected_bytes": bps["tar"] * n,
-                                 "projected_gb": round(bps["tar"] * n / 1e9, 3)}
+                                 "projected_gb": round(bps["tar"] * n / 1e9, 3),
+                                 "imagenet_1k": imagenet_projection(cfg, p)}
+    return out
+
+
+IMAGENET_1K = 1_281_167  # ImageNet-1k train images
+
+
+def imagenet_projection(cfg: PreprocessConfig, plan: GroupPlan) -> dict:
+    """A group's tar bytes per image and ImageNet-1k total at 256 and 512 px (teacher input 224 / 448:
+    256 / 1,024 patch tokens), whatever the configured source and resolution."""
+    out = {}
+    for res in (256, 512):
+        at = dataclasses.replace(cfg, resolution=res)
+        spec = teacher_spec(at) if plan.kind != LATENTS else dataclasses.replace(plan.spec, size=res // 8)
+        tar = bytes_per_sample(plan.kind, spec)["tar"]
+        out[f"{res}px"] = {"bytes_per_image": tar, "total_gb": round(tar * IMAGENET_1K / 1e9, 1)}
     return out
 
 

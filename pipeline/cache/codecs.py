@@ -56,9 +56,11 @@ from pipeline.cache.codecs_base import (  # noqa: F401  (re-exported: import cod
     AttnCodec,
     CacheFormatError,
     Member,
+    pack_bits_torch,
     pack_int8,
     pack_int8_torch,
     row_centred,
+    unpack_bits,
     unpack_int8,
     unpack_int8_np,
 )

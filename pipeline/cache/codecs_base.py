@@ -115,7 +115,10 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     planes = (body.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=body.device)) & 1  # (..., n, 8)
     planes = planes.flatten(-2).unflatten(-1, (-1, bits)).to(torch.int32)                       # (..., d, bits)
     u = (planes << torch.arange(bits, dtype=torch.int32, device=body.device)).sum(-1)
-    scale = packed[..., -2:].contiguous().view(torch.float16).float()  # (..., 1), little-endian hosts
+    # the fp16 scale from its two little-endian bytes by arithmetic (rows of odd width cannot be viewed as
+    # fp16); scales are >= 0, so the bit pattern fits int16
+    pattern = packed[..., -2].to(torch.int32) | (packed[..., -1].to(torch.int32) << 8)
+    scale = pattern.to(torch.int16).view(torch.float16).float().unsqueeze(-1)
     return (u - (1 << (bits - 1))).float() * scale
 
 

@@ -81,9 +81,25 @@ def _attention(h: Tensor, p: Mapping[str, Tensor], i: int, num_heads: int, scale
     return (logits.softmax(-1) @ v).transpose(1, 2).reshape(n, s, d), logits
 
 
+def block_forward(x: Tensor, p: Mapping[str, Tensor], i: int, *, num_heads: int, scale: float,
+                  want_logits: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Stored block i on x (N, S, D): (its output, its logits (N, H, S, S) when asked, its LN1 output)."""
+    h = _layer_norm(x, p["norm1_weight"][i], p["norm1_bias"][i])
+    a, logits = _attention(h, p, i, num_heads, scale, want_logits)
+    x = x + p["ls1_gamma"][i] * F.linear(a, p["attn_proj_weight"][i], p["attn_proj_bias"][i])
+    m = F.gelu(F.linear(_layer_norm(x, p["norm2_weight"][i], p["norm2_bias"][i]),
+                        p["mlp_fc1_weight"][i], p["mlp_fc1_bias"][i]))
+    return x + p["ls2_gamma"][i] * F.linear(m, p["mlp_fc2_weight"][i], p["mlp_fc2_bias"][i]), logits, h
+
+
+def final_norm(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    return _layer_norm(x, p["norm_weight"], p["norm_bias"])
+
+
 def run_blocks(x: Tensor, p: Mapping[str, Tensor], *, num_heads: int, scale: float, prefix: int,
                logits_at: Collection[int] = (), features: bool = True, keep_normed: bool = False) -> BlocksOut:
-    """The stored blocks on the residual stream x (N, S, D) entering the first of them, in float32.
+    """The stored blocks on the residual stream x (N, S, D) entering the first of them, in the weights'
+    dtype (float32 for decoding).
 
     ``logits_at``: block positions (0 = the first stored block) whose attention logits to return,
     patch × patch (the first ``prefix`` tokens cut from both axes), in ascending order. Without
@@ -94,21 +110,18 @@ def run_blocks(x: Tensor, p: Mapping[str, Tensor], *, num_heads: int, scale: flo
     if want and not 0 <= want[0] <= want[-1] < depth:
         raise ValueError(f"logits_at {want} outside the {depth} stored blocks")
     last = depth - 1 if features else (want[-1] if want else -1)
-    x = x.float()
+    x = x.to(p["norm_weight"].dtype)  # float32 in the codec; float64 in reference checks
     logits, normed = [], []
     for i in range(last + 1):
-        h = _layer_norm(x, p["norm1_weight"][i], p["norm1_bias"][i])
-        if keep_normed and i in want:
-            normed.append(h)
-        a, lg = _attention(h, p, i, num_heads, scale, i in want)
+        if i == last and not features:  # the targets of this block are its logits: its output is never used
+            h = _layer_norm(x, p["norm1_weight"][i], p["norm1_bias"][i])
+            lg = _attention(h, p, i, num_heads, scale, True)[1] if i in want else None
+        else:
+            x, lg, h = block_forward(x, p, i, num_heads=num_heads, scale=scale, want_logits=i in want)
         if lg is not None:
             logits.append(lg[:, :, prefix:, prefix:])
-            if i == last and not features:
-                break  # the targets of this block are its logits: its output is never used
-        x = x + p["ls1_gamma"][i] * F.linear(a, p["attn_proj_weight"][i], p["attn_proj_bias"][i])
-        h = _layer_norm(x, p["norm2_weight"][i], p["norm2_bias"][i])
-        h = F.gelu(F.linear(h, p["mlp_fc1_weight"][i], p["mlp_fc1_bias"][i]))
-        x = x + p["ls2_gamma"][i] * F.linear(h, p["mlp_fc2_weight"][i], p["mlp_fc2_bias"][i])
-    feat = _layer_norm(x, p["norm_weight"], p["norm_bias"])[:, prefix:] if features else None
+        if keep_normed and i in want:
+            normed.append(h)
+    feat = final_norm(x, p)[:, prefix:] if features else None
     return BlocksOut(feat=feat, logits=torch.stack(logits, 1) if logits else None,
                      normed=torch.stack(normed, 1) if keep_normed and normed else None)

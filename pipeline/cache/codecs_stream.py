@@ -49,8 +49,9 @@ from pipeline.cache.codecs_tokens import basis
 
 STREAM = "stream"
 BASIS = "basis"
-INT_BITS = {"int8": 8, "int10": 10, "int12": 12}
-STREAM_PRECISIONS = ("fp16", "fp32", *INT_BITS)
+INT_BITS = {"int6": 6, "int8": 8, "int10": 10, "int12": 12}
+# the registered names; int6 packs too but fails the fidelity bar (``stream_codec("int6")``: bench_codecs only)
+STREAM_PRECISIONS = ("fp16", "fp32", "int8", "int10", "int12")
 
 
 def stream_width(dim: int, prec: str) -> int:
@@ -85,10 +86,13 @@ def decode_gflop(spec: Any, features: bool = True) -> float:
 
 
 def load_stream(stored: torch.Tensor, prec: str, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Stored rows (N, S, width) -> the residual stream (N, S, D) float32 in the teacher's own basis."""
+    """Stored rows (N, S, width) -> the residual stream (N, S, D) float32 in the teacher's own basis
+    (rotated back when the group stores a ``basis``)."""
     if prec not in INT_BITS:
         return stored.float()
     y = unpack_int8(stored) if prec == "int8" else unpack_bits(stored, INT_BITS[prec])
+    if BASIS not in params:  # the unrotated ablation
+        return y
     return y @ params[BASIS].to(device=y.device, dtype=torch.float32).T  # x = (x R) Rᵀ
 
 
@@ -128,7 +132,8 @@ def stream_codec(prec: str, fixed_basis: bool = True) -> AttnCodec:
 
     def targets(arrays: Mapping[str, torch.Tensor], spec: Any, params: Mapping[str, torch.Tensor] | None,
                 layer_index: Sequence[int] | None, features: bool, attention: bool):
-        return decode_stream(arrays[STREAM], prec, spec, params, layer_index, features=features, attention=attention)
+        return decode_stream(arrays[STREAM], prec, spec, params, layer_index, features=features, attention=attention,
+                             rotated=rotated)
 
     def decode(arrays: Mapping[str, torch.Tensor], scale: float, params: Any = None) -> torch.Tensor:
         raise CacheFormatError(f"attention codec {name!r} decodes with the teacher spec and group weights: use "
@@ -143,12 +148,12 @@ def stream_codec(prec: str, fixed_basis: bool = True) -> AttnCodec:
 
 
 def decode_stream(stored: torch.Tensor, prec: str, spec: Any, params: Mapping[str, torch.Tensor] | None,
-                  layer_index: Sequence[int] | None = None, *, features: bool = True,
-                  attention: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                  layer_index: Sequence[int] | None = None, *, features: bool = True, attention: bool = True,
+                  rotated: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Stored streams (N, S, width) -> features (N, T, D) and logits (N, L', H, T, T) of the layers at
     positions ``layer_index`` of ``spec.layers`` (all when None, in that order), float32, on the
     stream's device; None for what was not asked for."""
-    need = {*BLOCK_ARRAYS, *NORM_ARRAYS} | ({BASIS} if prec in INT_BITS else set())
+    need = {*BLOCK_ARRAYS, *NORM_ARRAYS} | ({BASIS} if prec in INT_BITS and rotated else set())
     if params is None or not need <= set(params):
         raise CacheFormatError(f"attention codec 'stream-{prec}' decodes with the teacher group's block weights "
                                "(codec/*.npy): decode through pipeline.cache.reader (Cache.teacher_targets)")

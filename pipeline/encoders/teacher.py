@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache.codecs_blocks import BLOCK_ARRAYS, LN_EPS, run_blocks
+from pipeline.cache.codecs_blocks import BLOCK_ARRAYS, LN_EPS, block_forward, final_norm
 from pipeline.encoders import weights
 
 log = logging.getLogger(__name__)
@@ -206,12 +206,14 @@ class Teacher:
         w = self.model.norm.weight
         probe = torch.randn(2, self.num_prefix_tokens + 4, self.embed_dim,
                             generator=torch.Generator().manual_seed(0)).to(device=w.device, dtype=w.dtype)
-        ref = self.model.norm(torch.nn.Sequential(*blocks)(probe)).float()
-        ours = run_blocks(probe, arrays, num_heads=self.num_heads, scale=self.scale, prefix=0).feat
-        if not torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6):
-            raise ValueError(f"teacher blocks {min(self.layers)}..{len(self.model.blocks) - 1}: the stored block math "
-                             "does not reproduce the model's forward; the stream-* codecs cannot decode it "
-                             "(use tokens-int8)")
+        checks = [(f"block {min(self.layers) + i}", blk(probe).float(),
+                   block_forward(probe.float(), arrays, i, num_heads=self.num_heads, scale=self.scale)[0])
+                  for i, blk in enumerate(blocks)]  # each block alone: a scale the final norm hides still shows
+        checks.append(("the final norm", self.model.norm(probe).float(), final_norm(probe.float(), arrays)))
+        for where, ref, ours in checks:
+            if not torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6):
+                raise ValueError(f"teacher {where}: the stored block math does not reproduce the model's forward; "
+                                 "the stream-* codecs cannot decode it (use tokens-int8)")
         return {n: a.cpu().numpy() for n, a in arrays.items()}
 
 
