@@ -229,6 +229,7 @@ def loader_vs_step(default: dict, decode: dict, args) -> dict:
     for name, sec in secs.items():
         out[name] = {"loader_samples_per_s": loaders[name], "step_samples_per_s": round(args.batch / sec, 3),
                      "loader_over_step": round(loaders[name] * sec / args.batch, 1)}
+    out["default"] = {"codec": default["codec"], **out[name]}  # the last one timed: the default's pair
     b2 = min(secs.values()) / args.batch                     # s per sample of the B/2 step
     xl2 = b2 * XL2_OVER_B2_FLOPS                             # estimated: same machine, FLOP-scaled
     dec = 1 / decode["decode_img_per_s"]
@@ -242,6 +243,17 @@ def loader_vs_step(default: dict, decode: dict, args) -> dict:
                 "where the decode runs TF32 tensor-core GEMMs; XL/2 CPU step = measured B/2 step x "
                 f"{XL2_OVER_B2_FLOPS:.2f} (forward FLOP ratio)"}
     return out
+
+
+def headline(result: dict) -> dict:
+    """The default's numbers for benchmarks/report.py (codec-independent labels)."""
+    d = result["choice"]["default"] or {}
+    out = {"default codec, gradient cosine on the channel-outlier stress": d.get("outlier_grad_cos_min"),
+           "default codec, REPA feature 1-cos (mean, worst source)": d.get("feat_cos_err_mean")}
+    dv = result.get("loader_vs_step", {}).get("decode_vs_step")
+    if dv:
+        out["default codec decode / SiT-XL/2 training step (FLOPs)"] = dv["decode_over_xl2_step_flops"]
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def markdown(result: dict) -> str:
@@ -283,7 +295,7 @@ def markdown(result: dict) -> str:
         lines += ["", "| Phase I (CPU, SiT-B/2, batch 4) | loader samples/s | step samples/s | loader / step |",
                   "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['loader_samples_per_s']:.0f} | {v['step_samples_per_s']} | {v['loader_over_step']} |"
-                  for k, v in lv.items() if isinstance(v, dict) and "loader_samples_per_s" in v]
+                  for k, v in lv.items() if isinstance(v, dict) and "loader_samples_per_s" in v and k != "default"]
         lines += ["", f"Decode of {d['codec']}: {d['decode_img_per_s_cpu']} images/s on this CPU "
                       f"({d['decode_gflop_per_img']} GFLOP/image); SiT-B/2 step {d['b2_step_s_per_img_cpu']} s/image "
                       f"(decode share {d['decode_share_b2_cpu']:.1%}), SiT-XL/2 step ~{d['xl2_step_s_per_img_cpu_est']} "
@@ -313,7 +325,7 @@ def plot(result: dict, path: Path) -> None:
         ax.annotate(r["codec"], (r["attn_bytes"] / 1e6, max(1e-9, 1 - worst)), fontsize=7,
                     xytext=(3, 3), textcoords="offset points", rotation=20)
     ax.axhline(1 - fidelity.GRAD_COS_MIN, color="k", ls="--", lw=0.8, label="bar: grad cos 0.999")
-    ax.set(xscale="log", yscale="log", xlabel="attention bytes per image (MB, 4 layers, 256 px)",
+    ax.set(xscale="log", yscale="log", xlabel="attention bytes per image (MB, 4 layers, 256 px; stream-*: features included)",
            ylabel="1 - gradient cosine (worst over images)", title="Teacher attention codecs: size vs fidelity")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -359,6 +371,7 @@ def main() -> None:
     if not args.skip_loader and choice["default"] is not None:
         decode = next(r for r in attn if r["codec"] == choice["default"]["codec"])
         result["loader_vs_step"] = loader_vs_step(choice["default"], decode, args)
+    result["headline"] = headline(result)
     name = f"codecs-{device.type}"
     path = write(name, result, None)
     (RESULTS / f"{name}.md").write_text(markdown(result))

@@ -1,8 +1,8 @@
 """Teacher-target codecs: how attention logits and patch features are kept on disk.
 
 Attention codec names follow one grammar, ``<layout>[-r<rank>]-<precision>``; each has an error
-bound that ``tests/test_codecs.py`` and ``tests/test_codecs_tokens.py`` check and
-``haste cache verify --fidelity`` measures end to end:
+bound that ``tests/test_codecs.py``, ``tests/test_codecs_tokens.py`` and
+``tests/test_codecs_stream.py`` check and ``haste cache verify --fidelity`` measures end to end:
 
   none                 no attention (REPA only)
   qk-fp32              q, k (L, H, T, hd) as stored floats; logits = scale · q kᵀ, exact to fp32 matmul
@@ -15,15 +15,23 @@ bound that ``tests/test_codecs.py`` and ``tests/test_codecs_tokens.py`` check an
                        fp32, int8}, + the q/k projections once per teacher group (<group>/codec/*.npy);
                        q, k = x Wᵀ + b at decode. int8: one scale s per (layer, token) row,
                        |Δq_d| ≤ s/2·‖W_d‖₁, logit bound in ``pipeline.cache.codecs_tokens``
+  stream-<p>           the residual stream (P + T, D) entering the first aligned block, p ∈ {int8, int10,
+                       int12, fp16, fp32} (int rows in a fixed orthogonal basis, bit-packed), + that block
+                       and every later one and the final norm once per group; the decode reruns them for
+                       every aligned layer's logits AND the features (``pipeline.cache.codecs_stream``).
+                       Stored stream: |Δ| ≤ s/2 per value; through the blocks: measured, not bounded
 
 Default (``PreprocessConfig.codec``, the ImageNet configs): the smallest codec whose worst case over
-the teacher sharpness sweep x1/x5/x20 AND the flat-spectrum stress keeps the ATTA gradient cosine
-≥ 0.999 (with int8 features, mean feature cosine error ≤ 1e-3), as ``benchmarks/bench_codecs.py``
-measures on a random-init DINOv2-B: tokens-int8, 789 KB/image for 4 layers (worst 0.99918 over the
-sweep, 0.99962 on the stress). The lowrank codecs are smaller and pass the sweep, but only because
-the random-init teacher's logits have a decaying spectrum: on i.i.d. tokens they fall to 0.2-0.85,
-and a trained DINOv2's spectrum is not known here. tokens-int8 and qk-int8 (1.62 MB, the fallback)
-assume nothing about it. Check the real teacher with ``haste cache verify --fidelity``.
+the teacher sharpness sweep x1/x5/x20, the flat-spectrum AND the channel-outlier stress keeps the
+ATTA gradient cosine ≥ 0.999 and the features' mean cosine error ≤ 1e-3, as
+``benchmarks/bench_codecs.py`` measures: stream-int10, 248 KB/image whatever the number of layers
+(worst 0.99995 on the random-init DINOv2-B sweep, 0.99948 on the flat-spectrum stress stack, whose
+blocks act (LayerScale 1) and attend sharply inside). stream-int8 (199 KB) passes the sweep but
+not that stress (0.992: the stream's rounding error grows through sharp softmaxes); stream-int12
+(297 KB) and stream-fp16 (396 KB) are the steps up, tokens-int8 (+ int8 features, 989 KB) the
+previous default. The lowrank codecs pass the sweep only because the random-init teacher's logits
+have a decaying spectrum: on the stress stacks they fall to 0.2-0.96. Check the real teacher with
+``haste cache verify --fidelity``.
 
 Two exact identities make the lossy codecs cheaper without changing what training sees:
 softmax over keys ignores a per-query-row constant, so keys may be centred over the tokens
@@ -35,7 +43,7 @@ tensor: the trainer's layer selection and the loader's zero-copy stacking apply 
 trainer forwards the members the codec names, and a codec's group arrays are cut to the same
 layers). Low-rank factors are stored in the ``q``/``k`` members with the scale folded in.
 
-Feature codecs (``TeacherSpec.feat_codec``): ``plain`` stores ``feat_dtype`` as is; ``int8``
+Feature codecs (``TeacherSpec.feat_codec``, unused by stream-*): ``plain`` stores ``feat_dtype`` as is; ``int8``
 stores one int8 row per token plus its fp16 scale in ``feat_scale``. The int8 values alone
 already point in the token's direction, and the REPA loss normalises every token, so a reader
 that ignores ``feat_scale`` still computes the exact loss of the quantised targets.

@@ -103,9 +103,9 @@ def pack_bits_torch(x: torch.Tensor, bits: int) -> torch.Tensor:
         raise CacheFormatError(f"{bits}-bit rows of width {x.shape[-1]} do not fill whole bytes")
     v, s16 = quantize_rows_torch(x, (1 << (bits - 1)) - 1)
     u = v + (1 << (bits - 1))                                                   # (..., d) in [1, 2^bits − 1]
-    planes = (u.unsqueeze(-1) >> torch.arange(bits, device=u.device)) & 1     # (..., d, bits)
-    planes = planes.flatten(-2).unflatten(-1, (-1, 8))                          # (..., d·bits/8, 8)
-    body = (planes << torch.arange(8, device=u.device)).sum(-1).to(torch.uint8)
+    planes = ((u.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int32, device=u.device)) & 1).to(torch.uint8)
+    planes = planes.flatten(-2).unflatten(-1, (-1, 8))                          # (..., d·bits/8, 8) bits
+    body = (planes << torch.arange(8, dtype=torch.uint8, device=u.device)).sum(-1, dtype=torch.uint8)
     return torch.cat([body, s16.view(torch.uint8)], dim=-1)
 
 
@@ -113,8 +113,8 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 (..., d·bits/8 + 2) from ``pack_bits_torch`` -> float32 (..., d) on the tensor's device."""
     body = packed[..., :-2]
     planes = (body.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=body.device)) & 1  # (..., n, 8)
-    planes = planes.flatten(-2).unflatten(-1, (-1, bits)).to(torch.int32)                       # (..., d, bits)
-    u = (planes << torch.arange(bits, dtype=torch.int32, device=body.device)).sum(-1)
+    planes = planes.flatten(-2).unflatten(-1, (-1, bits)).to(torch.int16)                       # (..., d, bits)
+    u = (planes << torch.arange(bits, dtype=torch.int16, device=body.device)).sum(-1)         # int64 (..., d)
     # the fp16 scale from its two little-endian bytes by arithmetic (rows of odd width cannot be viewed as
     # fp16); scales are >= 0, so the bit pattern fits int16
     pattern = packed[..., -2].to(torch.int32) | (packed[..., -1].to(torch.int32) << 8)

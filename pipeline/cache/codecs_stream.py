@@ -2,7 +2,8 @@
 
 One sample stores the residual stream entering the first aligned teacher block l0 = min(layers),
 all S = P + T tokens (the P prefix tokens too: later blocks attend to them), one row per token:
-S·(D + 2) bytes in int8, 198 KB for DINOv2-B at 256 px whatever the number of aligned layers.
+S·(D·b/8 + 2) bytes in int<b>, 248 KB (int10, the default) for DINOv2-B at 256 px whatever the
+number of aligned layers.
 The teacher group stores, once, the frozen weights of blocks l0 .. depth−1 and the final norm
 (``<group>/codec/*.npy``, sha256 in the manifest; ``pipeline.cache.codecs_blocks`` names them).
 Decoding runs those blocks (``codecs_blocks.run_blocks``, pure torch, no timm) on the stored
