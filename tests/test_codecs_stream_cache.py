@@ -17,7 +17,6 @@ from pipeline.cache.codecs import get_codec
 from pipeline.cache.codecs_stream import decode_stream
 from pipeline.cache.schema import CODEC_DIR, TEACHER, CacheFormatError
 
-
 pytestmark = pytest.mark.slow  # a preprocess, a training run and a verify: seconds each
 
 
