@@ -142,5 +142,8 @@ def test_old_cache_without_the_new_spec_fields_still_trains(demo_cache, tmp_path
     expect = get_codec("qk-fp16").decode({n: batch[n][:, idx] for n in ("q", "k")}, cache.teacher.spec.scale)
     torch.testing.assert_close(inp.teacher_logits, expect)
     torch.testing.assert_close(inp.teacher_feat, batch["feat"].float())
+    # a features-only step (REPA) reads the feature members alone: no q, k cross to the device
+    feat, logits = cache.teacher_targets({"feat": batch["feat"]}, attention=False)
+    assert logits is None and torch.equal(feat, inp.teacher_feat)
 
 

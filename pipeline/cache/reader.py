@@ -77,11 +77,16 @@ class Cache:
         """A loader batch's teacher targets through the group's codec: features (N, T, D) and logits
         (N, L', H, T, T) of the layers at ``layer_index``, float32 on ``device``; None where not asked.
 
-        Only the teacher members travel (non-blocking from pinned memory), uncut: layers are selected
-        on the device, where a slice costs nothing (a CPU-side gather of ~100 MB would stall the host).
+        Only the teacher members this decode reads travel (non-blocking from pinned memory), uncut:
+        layers are selected on the device, where a slice costs nothing (a CPU-side gather of ~100 MB
+        would stall the host).
         """
         assert self.teacher is not None
-        names = [f.removesuffix(".npy") for f in fields(TEACHER, self.teacher.spec)]
+        spec = self.teacher.spec
+        codec = get_codec(spec.codec)
+        names = set(codec.members(spec)) if attention or codec.derives_features else set()
+        if features and not codec.derives_features:  # only what this step decodes crosses to the device
+            names |= {f.removesuffix(".npy") for f in fields(TEACHER, spec)} - set(codec.members(spec))
         arrays = {n: batch[n].to(device, non_blocking=True) if device is not None else batch[n] for n in names}
         return decode_teacher_targets(self.root, self.teacher, arrays, layer_index, features=features,
                                       attention=attention)
