@@ -103,6 +103,10 @@ def test_names_members_and_params():
         c.params(TeacherSpec(**{**SPEC.__dict__, "depth": 0}))
     with pytest.raises(CacheFormatError, match="decode_targets"):
         c.decode({"stream": torch.zeros(1, 17, 26, dtype=torch.int8)}, SPEC.scale)
+    with pytest.raises(CacheFormatError, match="non-finite values in the stored stream"):
+        get_codec("stream-fp16").on_device(torch.full((17, 24), 1e5))
+    with pytest.raises(CacheFormatError, match="non-finite"):
+        get_codec("stream-int10").on_device(torch.full((17, 24), float("nan")))
     with pytest.raises(CacheFormatError, match="block weights"):
         decode_stream(torch.zeros(1, 17, 26, dtype=torch.int8), "int8", SPEC, None)
     # DINOv2-B, blocks 8-11 at 256 px: 4 blocks of 257 tokens + un-rotating the stream

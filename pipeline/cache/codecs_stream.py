@@ -106,7 +106,11 @@ def stream_codec(prec: str, fixed_basis: bool = True) -> AttnCodec:
     def prepare(t: torch.Tensor) -> torch.Tensor:
         """The writer's device step: (N, S, D) float -> stored rows (rotate, quantise, pack) or a cast."""
         if prec not in INT_BITS:
-            return t.to(getattr(torch, PRECISIONS[prec]))
+            out = t.to(getattr(torch, PRECISIONS[prec]))
+            if not bool(torch.isfinite(out).all()):  # a massive activation beyond fp16's range, or NaN
+                raise CacheFormatError(f"{name}: non-finite values in the stored stream (|x| > fp16 max?); "
+                                       "use stream-int10/int12 (per-row scales)")
+            return out
         y = t.float() @ basis(t.shape[-1]).to(t.device) if rotated else t.float()
         return pack_int8_torch(y) if prec == "int8" else pack_bits_torch(y, INT_BITS[prec])
 
