@@ -74,7 +74,9 @@ class Teacher:
     """Wraps a timm DINOv2 ViT; ``__call__(uint8 images) -> TeacherOut`` for the given layers.
 
     ``capture`` picks what the hooks keep: q and k (the default), and/or x, the qkv input tokens
-    (only ``tokens-*`` caches need it). Capturing x checks up front that q, k are a linear map of x.
+    (only ``tokens-*`` caches need it), and/or the residual stream entering the first aligned block
+    (``stream-*``). Capturing x checks up front that q, k are a linear map of x; capturing the
+    stream, that the blocks from there on are DINOv2's (``codecs_blocks`` can rerun them).
     """
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[int], resolution: int,
