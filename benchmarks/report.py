@@ -37,7 +37,7 @@ HEADLINES: list[tuple[str, str, str, str]] = [
      ">= 0.999"),
     ("codecs", "choice.default.stress_grad_cos_min", "default codec, gradient cosine on the flat-spectrum stress",
      ">= 0.999"),
-    ("codecs", "loader_vs_step.tokens-int8+int8.loader_over_step", "Phase I loader (default codec) / train step",
+    ("codecs", "loader_vs_step.default.loader_over_step", "Phase I loader (default codec) / train step",
      "> 1 keeps up"),
 ]
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pipeline.cache import fidelity
 from pipeline.cache.codecs import row_centred
 from pipeline.cache.groups import group_dir, read_index
-from pipeline.cache.reader import decode_teacher_logits, index_shard, read_sample
+from pipeline.cache.reader import decode_teacher_targets, index_shard, read_sample
 from pipeline.cache.schema import (
     CODEC_DIR,
     LATENTS,
@@ -36,7 +36,6 @@ from pipeline.cache.schema import (
     GroupManifest,
     TeacherSpec,
     bytes_per_sample,
-    decode_features,
     decode_members,
     encode_teacher_sample,
     get_codec,
@@ -227,9 +226,10 @@ def _fresh_compare(root: Path, m: GroupManifest, decoded: list[tuple[str, dict]]
         fresh = _cached_arrays(root, m, _through_codec(m, t, [k for k, _ in decoded]))
     cached = _cached_arrays(root, m, decoded)
     errors = {k: _rel_err(cached[k], fresh[k]) for k in fresh if k in cached}
-    if isinstance(m.spec, TeacherSpec) and m.codec_files:  # tokens-*: the stored projections are the model's
+    if isinstance(m.spec, TeacherSpec) and m.codec_files:  # tokens-*, stream-*: the stored arrays are the model's
         stored = load_codec_params(group_dir(root, m.kind, m.key), m.spec, m.codec_files)
-        fresh_params = get_codec(m.spec.codec).store_params(ref.model.qk_params())
+        codec = get_codec(m.spec.codec)
+        fresh_params = codec.store_params(getattr(ref.model, codec.teacher_arrays)())
         errors.update({f"codec:{n}": _rel_err(a, stored[n]) for n, a in fresh_params.items()})
     tol = _tolerance(m, prec)
     return {"ok": all(e <= tol for e in errors.values()), "max_rel_error": errors, "tolerance": tol,
@@ -254,10 +254,10 @@ def _cached_arrays(root: Path, m: GroupManifest, decoded: list[tuple[str, dict]]
     """Decoded samples as float arrays: ``moments``, or ``feat`` (magnitudes restored) and row-centred ``logits``."""
     if m.kind == LATENTS:
         return {"moments": np.stack([d["moments"] for _, d in decoded]).astype(np.float32)}
-    batch = _batch(decoded)
-    out = {"feat": decode_features(batch).numpy()}
-    if isinstance(m.spec, TeacherSpec) and m.spec.codec != "none":
-        out["logits"] = row_centred(decode_teacher_logits(root, m, batch)).numpy()
+    feat, logits = decode_teacher_targets(root, m, _batch(decoded), attention=m.spec.codec != "none")
+    out = {"feat": feat.numpy()}
+    if logits is not None:
+        out["logits"] = row_centred(logits).numpy()
     return out
 
 
@@ -279,8 +279,8 @@ def _fidelity(root: Path, m: GroupManifest, decoded: list[tuple[str, dict]], ref
     batch = _batch(decoded)
     attn = spec.codec != "none"
     exact = get_codec("qk-fp32").decode({"q": t.q, "k": t.k}, spec.scale) if attn else None
-    result = fidelity.measure(exact, decode_teacher_logits(root, m, batch) if attn else None,
-                              t.feat, decode_features(batch))
+    feat, logits = decode_teacher_targets(root, m, batch, attention=attn)  # stream-*: both from one decode
+    result = fidelity.measure(exact, logits, t.feat, feat)
     result.update(measured=True, codec=spec.codec, feat_codec=spec.feat_codec, feat_dtype=spec.feat_dtype,
                   bytes_per_sample=bytes_per_sample(TEACHER, spec)["tar"], keys=[k for k, _ in decoded],
                   reference={"teacher": m.identity["teacher"].get("name"), "precision": "fp32",
@@ -308,7 +308,7 @@ def _tolerance(m: GroupManifest, prec: str) -> float:
     spec = m.spec
     if isinstance(spec, TeacherSpec):
         codec = get_codec(spec.codec)
-        if codec.dtype == "int8" or codec.rank is not None or spec.feat_codec == "int8":
+        if codec.dtype in ("int8", "uint8") or codec.rank is not None or spec.feat_codec == "int8":
             return 2e-2
         if codec.dtype == "float16" and codec.name != "none" or spec.feat_dtype == "float16":
             return 1e-2

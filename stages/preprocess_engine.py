@@ -252,7 +252,8 @@ def _load_models(cfg, d: DistInfo, plans: list) -> dict:
 
 
 def write_codec_files(plan, teacher: Teacher, d: DistInfo) -> None:
-    """The group-level arrays of the plan's codec (tokens-*: the q/k projections), renamed into
+    """The group-level arrays of the plan's codec (tokens-*: the q/k projections, stream-*: the
+    blocks from the first aligned one on), renamed into
     ``<group>/codec/`` before this rank writes any shard; the manifest records their sha256.
 
     Every rank that writes shards makes sure they exist. A file already there (an interrupted
@@ -264,7 +265,7 @@ def write_codec_files(plan, teacher: Teacher, d: DistInfo) -> None:
     expected = codec_files(spec)
     if not expected:
         return
-    files = encode_codec_params(spec, teacher.qk_params())
+    files = encode_codec_params(spec, getattr(teacher, get_codec(spec.codec).teacher_arrays)())
     (plan.dir / CODEC_DIR).mkdir(exist_ok=True)
     for name, (dtype, shape) in expected.items():
         path = plan.dir / CODEC_DIR / name

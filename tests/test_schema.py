@@ -55,7 +55,8 @@ def _teacher_arrays(spec: TeacherSpec, seed: int = 0):
 
 def test_codec_registry_is_what_the_tests_cover():
     assert set(CODECS) == {"qk-fp16", "qk-fp32", "logits-fp16", "none", "qk-int8", "lowrank-r32-fp16",
-                           "lowrank-r16-int8", "lowrank-r24-int8", "lowrank-r32-int8", "tokens-int8"}
+                           "lowrank-r16-int8", "lowrank-r24-int8", "lowrank-r32-int8", "tokens-int8",
+                           "stream-int8", "stream-int10", "stream-int12", "stream-fp16"}  # stream-*: test_codecs_stream.py
     assert EXACT_CODECS == ["logits-fp16", "none", "qk-fp16", "qk-fp32"]
     with pytest.raises(CacheFormatError, match="unknown attention codec 'qk-int4'"):
         get_codec("qk-int4")

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.cache.schema import get_codec
 from pipeline.dist import DistInfo
 from pipeline.encoders.vae import sample_latents
 from trainer.config import TrainConfig
@@ -25,7 +24,6 @@ from trainer.objectives import (
     interpolate,
     repa_loss,
     sample_time,
-    take,
     total_loss,
 )
 from trainer.phases import Phase
@@ -181,16 +179,13 @@ def prepare_inputs(batch: dict, model: SiT, cfg: TrainConfig, phase: Phase, cach
     x0 = sample_latents(moments, lat.scale, lat.bias, generator=g)
     y = model.drop_labels(batch["label"].to(device, non_blocking=True), generator=g)
     feat = logits = None
-    if phase.needs_features:
-        feat = batch["feat"].to(device, non_blocking=True).float()
-    if phase.needs_attention:
+    if phase.needs_features or phase.needs_attention:
+        # Both targets through the group's codec (stream-* derives them from one tensor), only the
+        # aligned layers; the cache copies the members to the device and selects layers there.
         ts = cache.teacher.spec
-        idx = [ts.layers.index(layer) for layer in cfg.align.teacher_layers]  # only the aligned layers
-        # Copy first (from pinned memory, async), select on the device: a CPU-side gather of
-        # ~100 MB per step would stall the main thread. The codec names its own members.
-        names = get_codec(ts.codec).members(ts)
-        arrays = {k: take(batch[k].to(device, non_blocking=True), 1, idx) for k in names}
-        logits = cache.teacher_logits(arrays, idx)
+        idx = [ts.layers.index(layer) for layer in cfg.align.teacher_layers] if phase.needs_attention else None
+        feat, logits = cache.teacher_targets(batch, idx, device=device, features=phase.needs_features,
+                                             attention=phase.needs_attention)
     return StepInputs(x0=x0, y=y, teacher_feat=feat, teacher_logits=logits)
 
 

@@ -1,8 +1,8 @@
 """Teacher-target codecs: how attention logits and patch features are kept on disk.
 
 Attention codec names follow one grammar, ``<layout>[-r<rank>]-<precision>``; each has an error
-bound that ``tests/test_codecs.py`` and ``tests/test_codecs_tokens.py`` check and
-``haste cache verify --fidelity`` measures end to end:
+bound that ``tests/test_codecs.py``, ``tests/test_codecs_tokens.py`` and
+``tests/test_codecs_stream.py`` check and ``haste cache verify --fidelity`` measures end to end:
 
   none                 no attention (REPA only)
   qk-fp32              q, k (L, H, T, hd) as stored floats; logits = scale · q kᵀ, exact to fp32 matmul
@@ -15,15 +15,23 @@ bound that ``tests/test_codecs.py`` and ``tests/test_codecs_tokens.py`` check an
                        fp32, int8}, + the q/k projections once per teacher group (<group>/codec/*.npy);
                        q, k = x Wᵀ + b at decode. int8: one scale s per (layer, token) row,
                        |Δq_d| ≤ s/2·‖W_d‖₁, logit bound in ``pipeline.cache.codecs_tokens``
+  stream-<p>           the residual stream (P + T, D) entering the first aligned block, p ∈ {int8, int10,
+                       int12, fp16, fp32} (int rows in a fixed orthogonal basis, bit-packed), + that block
+                       and every later one and the final norm once per group; the decode reruns them for
+                       every aligned layer's logits AND the features (``pipeline.cache.codecs_stream``).
+                       Stored stream: |Δ| ≤ s/2 per value; through the blocks: measured, not bounded
 
 Default (``PreprocessConfig.codec``, the ImageNet configs): the smallest codec whose worst case over
-the teacher sharpness sweep x1/x5/x20 AND the flat-spectrum stress keeps the ATTA gradient cosine
-≥ 0.999 (with int8 features, mean feature cosine error ≤ 1e-3), as ``benchmarks/bench_codecs.py``
-measures on a random-init DINOv2-B: tokens-int8, 789 KB/image for 4 layers (worst 0.99918 over the
-sweep, 0.99962 on the stress). The lowrank codecs are smaller and pass the sweep, but only because
-the random-init teacher's logits have a decaying spectrum: on i.i.d. tokens they fall to 0.2-0.85,
-and a trained DINOv2's spectrum is not known here. tokens-int8 and qk-int8 (1.62 MB, the fallback)
-assume nothing about it. Check the real teacher with ``haste cache verify --fidelity``.
+the teacher sharpness sweep x1/x5/x20, the flat-spectrum AND the channel-outlier stress keeps the
+ATTA gradient cosine ≥ 0.999 and the features' mean cosine error ≤ 1e-3, as
+``benchmarks/bench_codecs.py`` measures: stream-int10, 248 KB/image whatever the number of layers
+(worst 0.99995 on the random-init DINOv2-B sweep, 0.99948 on the flat-spectrum stress stack, whose
+blocks act (LayerScale 1) and attend sharply inside). stream-int8 (199 KB) passes the sweep but
+not that stress (0.992: the stream's rounding error grows through sharp softmaxes); stream-int12
+(297 KB) and stream-fp16 (396 KB) are the steps up, tokens-int8 (+ int8 features, 989 KB) the
+previous default. The lowrank codecs pass the sweep only because the random-init teacher's logits
+have a decaying spectrum: on the stress stacks they fall to 0.2-0.96. Check the real teacher with
+``haste cache verify --fidelity``.
 
 Two exact identities make the lossy codecs cheaper without changing what training sees:
 softmax over keys ignores a per-query-row constant, so keys may be centred over the tokens
@@ -35,7 +43,7 @@ tensor: the trainer's layer selection and the loader's zero-copy stacking apply 
 trainer forwards the members the codec names, and a codec's group arrays are cut to the same
 layers). Low-rank factors are stored in the ``q``/``k`` members with the scale folded in.
 
-Feature codecs (``TeacherSpec.feat_codec``): ``plain`` stores ``feat_dtype`` as is; ``int8``
+Feature codecs (``TeacherSpec.feat_codec``, unused by stream-*): ``plain`` stores ``feat_dtype`` as is; ``int8``
 stores one int8 row per token plus its fp16 scale in ``feat_scale``. The int8 values alone
 already point in the token's direction, and the REPA loss normalises every token, so a reader
 that ignores ``feat_scale`` still computes the exact loss of the quantised targets.
@@ -44,7 +52,7 @@ that ignores ``feat_scale`` still computes the exact loss of the quantised targe
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -56,20 +64,23 @@ from pipeline.cache.codecs_base import (  # noqa: F401  (re-exported: import cod
     AttnCodec,
     CacheFormatError,
     Member,
+    pack_bits_torch,
     pack_int8,
     pack_int8_torch,
     row_centred,
+    unpack_bits,
     unpack_int8,
     unpack_int8_np,
 )
 from pipeline.cache.codecs_base import load as _load
 from pipeline.cache.codecs_base import row_dims as _row_dims
 from pipeline.cache.codecs_base import store as _store
+from pipeline.cache.codecs_stream import STREAM_PRECISIONS, stream_codec
 from pipeline.cache.codecs_tokens import tokens_codec
 
 _PRECISIONS = PRECISIONS
 _ALL = ("fp16", "fp32", "int8")
-_LAYOUT_PRECISIONS = {"qk": _ALL, "logits": ("fp16",), "lowrank": _ALL, "tokens": _ALL}
+_LAYOUT_PRECISIONS = {"qk": _ALL, "logits": ("fp16",), "lowrank": _ALL, "tokens": _ALL, "stream": STREAM_PRECISIONS}
 _NAME = re.compile(r"^(?P<layout>[a-z]+)(?:-r(?P<rank>[^-]*))?-(?P<precision>[a-z0-9]+)$")
 
 
@@ -78,7 +89,8 @@ def parse_codec_name(name: str) -> tuple[str, int | None, str]:
     m = _NAME.match(name)
     if m is None:
         raise CacheFormatError(f"unknown attention codec {name!r}: expected none, qk-<precision>, "
-                               "logits-<precision>, lowrank-r<rank>-<precision> or tokens-<precision>")
+                               "logits-<precision>, lowrank-r<rank>-<precision>, tokens-<precision> or "
+                               "stream-<precision>")
     layout, rank, prec = m["layout"], m["rank"], m["precision"]
     if layout not in _LAYOUT_PRECISIONS:
         raise CacheFormatError(f"unknown attention codec {name!r}: field 'layout' must be one of "
@@ -201,6 +213,8 @@ def get_codec(name: str) -> AttnCodec:
         return _logits_codec(prec)
     if layout == "tokens":
         return tokens_codec(prec)
+    if layout == "stream":
+        return stream_codec(prec)
     assert rank is not None
     return _lowrank_codec(rank, prec)
 
@@ -209,7 +223,8 @@ def get_codec(name: str) -> AttnCodec:
 # accepts any other rank.
 CODECS: dict[str, AttnCodec] = {n: get_codec(n) for n in (
     "qk-fp32", "qk-fp16", "logits-fp16", "qk-int8", "lowrank-r32-fp16", "lowrank-r16-int8",
-    "lowrank-r24-int8", "lowrank-r32-int8", "tokens-int8", "none")}
+    "lowrank-r24-int8", "lowrank-r32-int8", "tokens-int8", "stream-int8", "stream-int10", "stream-int12",
+    "stream-fp16", "none")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,3 +263,40 @@ def decode_features(arrays: Mapping[str, Any]) -> torch.Tensor:
 def _float(x: Any) -> torch.Tensor:
     # astype copies, so read-only zero-copy views of shard bytes are never wrapped by torch
     return torch.from_numpy(np.asarray(x).astype(np.float32)) if not torch.is_tensor(x) else x.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Both targets through one call
+# ----------------------------------------------------------------------------------------------
+
+def decode_targets(spec: Any, arrays: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None,
+                   layer_index: Sequence[int] | None = None, *, features: bool = True,
+                   attention: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A batch's teacher targets from its stored members (on the decode device): features (N, T, D)
+    and attention logits (N, L', H, T, T) of the layers at positions ``layer_index`` of ``spec.layers``
+    (all when None, in the given order), float32; None for what was not asked for.
+
+    ``params``: the group's codec arrays on the same device, already cut to ``layer_index`` for a
+    ``per_layer`` codec (``pipeline.cache.reader`` does both). Per-layer codecs decode the logits from
+    their members cut to those layers and the features from ``feat`` (+ ``feat_scale``); a codec that
+    derives the features (stream-*) returns both from one decode.
+    """
+    codec = get_codec(spec.codec)
+    if codec.targets is not None:
+        return codec.targets(arrays, spec, params, layer_index, features, attention)
+    feat = decode_features(arrays) if features else None
+    logits = None
+    if attention:
+        members = {n: _select_layers(arrays[n], layer_index) for n in codec.members(spec)}
+        logits = codec.decode(members, spec.scale, params)
+    return feat, logits
+
+
+def _select_layers(x: torch.Tensor, index: Sequence[int] | None) -> torch.Tensor:
+    """Layer axis 1 cut to ``index``: a view for a contiguous run (no gather, no host sync)."""
+    if index is None:
+        return x
+    idx = list(index)
+    if idx and idx == list(range(idx[0], idx[0] + len(idx))):
+        return x.narrow(1, idx[0], len(idx))
+    return x[:, idx]

@@ -8,6 +8,8 @@ int8 rows: one scale per row, s = max|row| / 127 rounded *up* to fp16, carried i
 two bytes (little-endian), so one member stays one tensor (layer selection, zero-copy stacking).
 ``pack_int8`` (numpy, the writer thread) and ``pack_int8_torch`` (the writer's device) produce the
 same bytes: same fp32 division, same round-half-to-even, same fp16 rounding of the scale.
+``pack_bits_torch`` / ``unpack_bits`` keep rows of other widths (10 or 12 bits: ``stream-int10``)
+the same way, bit-packed into uint8 with the fp16 scale again in the last two bytes.
 """
 
 from __future__ import annotations
@@ -63,24 +65,61 @@ def pack_int8(x: np.ndarray) -> np.ndarray:
     return np.concatenate([v, scale_bytes], axis=-1)
 
 
-def pack_int8_torch(x: torch.Tensor) -> torch.Tensor:
-    """``pack_int8`` on the tensor's device: the writer packs there, so only int8 crosses to the host.
+def quantize_rows_torch(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float (..., d) -> (integers (..., d) int32 in [-qmax, qmax], fp16 scales (..., 1)) on x's device.
 
-    The scale is rounded up to the next fp16 by stepping its bit pattern (s ≥ 0, so +1 is
-    ``nextafter`` towards +inf, as in ``_row_scale``). Checking finiteness syncs the device once.
+    s = max|row| / qmax rounded *up* to the next fp16 by stepping its bit pattern (s ≥ 0, so +1 is
+    ``nextafter`` towards +inf, as in ``_row_scale``); values round half to even, as ``np.rint``.
+    Checking finiteness syncs the device once.
     """
     x = x.float()
     if not bool(torch.isfinite(x).all()):
         raise CacheFormatError(_NONFINITE)
-    s = x.abs().amax(dim=-1, keepdim=True) / _INT8_MAX
+    s = x.abs().amax(dim=-1, keepdim=True) / qmax
     s16 = s.to(torch.float16)
     low = s16.float() < s
     s16 = torch.where(low, (s16.view(torch.int16) + 1).view(torch.float16), s16)
     if not bool(torch.isfinite(s16).all()):
         raise CacheFormatError(_OVERFLOW)
     safe = torch.where(s16 > 0, s16, torch.ones_like(s16)).float()
-    v = torch.round(x / safe).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)  # round: half to even, as rint
-    return torch.cat([v, s16.view(torch.int8)], dim=-1)  # fp16 bytes in memory order: little-endian hosts
+    return torch.round(x / safe).clamp_(-qmax, qmax).to(torch.int32), s16
+
+
+def pack_int8_torch(x: torch.Tensor) -> torch.Tensor:
+    """``pack_int8`` on the tensor's device: the writer packs there, so only int8 crosses to the host."""
+    v, s16 = quantize_rows_torch(x, _INT8_MAX)
+    return torch.cat([v.to(torch.int8), s16.view(torch.int8)], dim=-1)  # fp16 bytes in memory order: little-endian hosts
+
+
+def pack_bits_torch(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """float (..., d) -> uint8 (..., d·bits/8 + 2): ``bits``-bit integer rows (qmax = 2^(bits-1) − 1, one
+    fp16 scale per row rounded up, as ``pack_int8``), bit-packed, then the scale's 2 bytes.
+
+    Value v is stored as u = v + 2^(bits-1) in ``bits`` bits, least significant bit first, the row's
+    bits concatenated and cut into bytes (bit j of a byte = bit 8·byte + j of the row). Error bound:
+    |x̂ − x| ≤ s / 2, s ≈ max|x_row| / (2^(bits-1) − 1).
+    """
+    if (x.shape[-1] * bits) % 8:
+        raise CacheFormatError(f"{bits}-bit rows of width {x.shape[-1]} do not fill whole bytes")
+    v, s16 = quantize_rows_torch(x, (1 << (bits - 1)) - 1)
+    u = v + (1 << (bits - 1))                                                   # (..., d) in [1, 2^bits − 1]
+    planes = ((u.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int32, device=u.device)) & 1).to(torch.uint8)
+    planes = planes.flatten(-2).unflatten(-1, (-1, 8))                          # (..., d·bits/8, 8) bits
+    body = (planes << torch.arange(8, dtype=torch.uint8, device=u.device)).sum(-1, dtype=torch.uint8)
+    return torch.cat([body, s16.view(torch.uint8)], dim=-1)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 (..., d·bits/8 + 2) from ``pack_bits_torch`` -> float32 (..., d) on the tensor's device."""
+    body = packed[..., :-2]
+    planes = (body.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=body.device)) & 1  # (..., n, 8)
+    planes = planes.flatten(-2).unflatten(-1, (-1, bits)).to(torch.int16)                       # (..., d, bits)
+    u = (planes << torch.arange(bits, dtype=torch.int16, device=body.device)).sum(-1)         # int64 (..., d)
+    # the fp16 scale from its two little-endian bytes by arithmetic (rows of odd width cannot be viewed as
+    # fp16); scales are >= 0, so the bit pattern fits int16
+    pattern = packed[..., -2].to(torch.int32) | (packed[..., -1].to(torch.int32) << 8)
+    scale = pattern.to(torch.int16).view(torch.float16).float().unsqueeze(-1)
+    return (u - (1 << (bits - 1))).float() * scale
 
 
 def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
@@ -131,11 +170,16 @@ class AttnCodec:
     codecs; the qkv input tokens x (L, T, D) for ``tokens-*``), to named arrays; ``decode`` maps
     batched tensors (N, ...) of those arrays back to logits (N, L, H, T, T) float32 on their device
     (the trainer decodes on the GPU); ``members`` gives each array's (dtype, shape). Every member
-    has the layer axis first (after the batch axis), so selecting layers commutes with decoding.
+    of a ``per_layer`` codec has the layer axis first (after the batch axis), so selecting layers
+    commutes with decoding.
 
-    ``params`` names arrays stored once per teacher group (not per sample; layer axis first too),
-    which ``decode`` then needs as its third argument, on the decode device and with the same
-    layer selection as the members (``pipeline.cache.reader`` loads and caches them).
+    ``params`` names arrays stored once per teacher group (not per sample; layer axis first too
+    when ``per_layer``), which ``decode`` then needs as its third argument, on the decode device and
+    with the same layer selection as the members (``pipeline.cache.reader`` loads and caches them).
+
+    ``stream-*`` codecs (``targets`` set, ``per_layer`` False) store one tensor from which a small
+    stored network derives every layer's logits *and* the features; decode them through
+    ``pipeline.cache.codecs.decode_targets``, which serves every codec.
     """
 
     name: str
@@ -150,8 +194,20 @@ class AttnCodec:
     inputs: tuple[str, ...] = ("q", "k")               # teacher outputs ``encode`` takes (TeacherOut fields)
     params: Callable[[Any], dict[str, Member]] = lambda spec: {}
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None  # device-side step before the host copy
-    # the teacher's group arrays (Teacher.qk_params) -> what is stored (tokens-*: the fixed basis folded in)
+    # the teacher's group arrays (Teacher.<teacher_arrays>()) -> what is stored (tokens-*: the fixed basis folded in)
     store_params: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] = dict
+    teacher_arrays: str = "qk_params"  # the ``Teacher`` method whose arrays ``store_params`` takes
+    # False: one member serves every stored layer (stream-*: the residual stream), so members and params
+    # are never cut to a layer selection; ``targets`` gets the selection instead.
+    per_layer: bool = True
+    # stream-*: (arrays, spec, params, layer_index, features, attention) -> (features, logits); the codec
+    # then derives the features too (no feat members), ``decode_targets`` calls it instead of ``decode``.
+    targets: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
+
+    @property
+    def derives_features(self) -> bool:
+        """The features come out of this codec's decode (stream-*), not from stored ``feat`` members."""
+        return self.targets is not None
 
     def on_device(self, t: torch.Tensor) -> torch.Tensor:
         """What the writer copies to the host for one input: cast (default) or ``prepare``d there."""

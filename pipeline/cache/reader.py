@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ from pipeline.cache.schema import (
     GroupManifest,
     TeacherSpec,
     TextSpec,
+    decode_targets,
+    fields,
     get_codec,
     load_codec_params,
     read_manifest,
@@ -76,37 +79,80 @@ class Cache:
     def teacher_logits(self, arrays: dict[str, torch.Tensor], layer_index: Sequence[int] | None = None) -> torch.Tensor:
         """Decoded attention logits (N, L', H, T, T) fp32 from a batch's codec arrays, on their device.
 
-        ``layer_index``: positions in ``spec.layers`` the arrays were cut to (all when None); a codec
-        with group-level arrays (tokens-*) gets the same layers of those, loaded once per device.
+        ``layer_index``: positions in ``spec.layers`` to decode (all when None); a codec with
+        group-level arrays (tokens-*, stream-*) gets those, loaded once per device.
         """
         assert self.teacher is not None
         return decode_teacher_logits(self.root, self.teacher, arrays, layer_index)
 
+    def teacher_targets(self, batch: Mapping[str, Any], layer_index: Sequence[int] | None = None, *,
+                        device: torch.device | str | None = None, features: bool = True,
+                        attention: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A loader batch's teacher targets through the group's codec: features (N, T, D) and logits
+        (N, L', H, T, T) of the layers at ``layer_index``, float32 on ``device``; None where not asked.
+
+        Only the teacher members this decode reads travel (non-blocking from pinned memory), uncut:
+        layers are selected on the device, where a slice costs nothing (a CPU-side gather of ~100 MB
+        would stall the host).
+        """
+        assert self.teacher is not None
+        spec = self.teacher.spec
+        codec = get_codec(spec.codec)
+        names = set(codec.members(spec)) if attention or codec.derives_features else set()
+        if features and not codec.derives_features:  # only what this step decodes crosses to the device
+            names |= {f.removesuffix(".npy") for f in fields(TEACHER, spec)} - set(codec.members(spec))
+        arrays = {n: batch[n].to(device, non_blocking=True) if device is not None else batch[n] for n in names}
+        return decode_teacher_targets(self.root, self.teacher, arrays, layer_index, features=features,
+                                      attention=attention)
+
 
 def decode_teacher_logits(root: Path, manifest: GroupManifest, arrays: dict[str, torch.Tensor],
                           layer_index: Sequence[int] | None = None) -> torch.Tensor:
-    """``Cache.teacher_logits`` for a teacher group's manifest (also used by ``haste cache verify``)."""
+    """``Cache.teacher_logits`` for a teacher group's manifest (also used by ``haste cache verify``).
+    The members of a per-layer codec come already cut to ``layer_index``; stream-*'s are never cut."""
+    codec = get_codec(manifest.spec.codec)
+    params = _group_params(root, manifest, arrays, layer_index, needed=True)
+    logits = decode_targets(manifest.spec, arrays, params, None if codec.per_layer else layer_index,
+                            features=False)[1]
+    assert logits is not None
+    return logits
+
+
+def decode_teacher_targets(root: Path, manifest: GroupManifest, arrays: Mapping[str, torch.Tensor],
+                           layer_index: Sequence[int] | None = None, *, features: bool = True,
+                           attention: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``codecs.decode_targets`` on a batch's uncut members, with the group's codec arrays."""
+    codec = get_codec(manifest.spec.codec)
+    params = _group_params(root, manifest, arrays, layer_index, needed=attention or codec.derives_features)
+    return decode_targets(manifest.spec, arrays, params, layer_index, features=features, attention=attention)
+
+
+def _group_params(root: Path, manifest: GroupManifest, arrays: Mapping[str, torch.Tensor],
+                  layer_index: Sequence[int] | None, needed: bool) -> dict[str, torch.Tensor] | None:
+    """The group's codec arrays on the arrays' device (None when the codec has none or they are not
+    needed), cut to ``layer_index`` for a per-layer codec; stream-*'s blocks serve every layer."""
     spec = manifest.spec
     assert isinstance(spec, TeacherSpec)
     codec = get_codec(spec.codec)
-    params = None
-    if codec.params(spec):
-        device = next(iter(arrays.values())).device
+    if not (needed and codec.params(spec)):
+        return None
+    layers = None
+    if codec.per_layer:
         layers = tuple(range(len(spec.layers))) if layer_index is None else tuple(layer_index)
-        params = _device_params(str(group_dir(root, TEACHER, manifest.key)), spec,
-                                tuple(sorted((f, r["sha256"]) for f, r in manifest.codec_files.items())),
-                                str(device), layers)
-    return codec.decode(arrays, spec.scale, params)
+    return _device_params(str(group_dir(root, TEACHER, manifest.key)), spec,
+                          tuple(sorted((f, r["sha256"]) for f, r in manifest.codec_files.items())),
+                          str(next(iter(arrays.values())).device), layers)
 
 
 @lru_cache(maxsize=8)
 def _device_params(gdir: str, spec: TeacherSpec, sha: tuple[tuple[str, str], ...], device: str,
-                   layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """A teacher group's codec arrays (sha256-checked), cut to ``layers`` and moved to ``device`` once:
-    ~19 MB for DINOv2-B's 4 layers, read once per process rather than once per step. Keyed by the
-    recorded hashes too, so a rebuilt group under the same path is read again."""
+                   layers: tuple[int, ...] | None) -> dict[str, torch.Tensor]:
+    """A teacher group's codec arrays (sha256-checked), cut to ``layers`` (None: uncut) and moved to
+    ``device`` once: ~19 MB for tokens-int8's 4 DINOv2-B layers, ~116 MB for stream-*'s 4 blocks,
+    read once per process rather than once per step. Keyed by the recorded hashes too, so a rebuilt
+    group under the same path is read again."""
     arrays = load_codec_params(Path(gdir), spec, {f: {"sha256": h} for f, h in sha})
-    return {n: torch.from_numpy(a[list(layers)]).to(device) for n, a in arrays.items()}
+    return {n: torch.from_numpy(a if layers is None else a[list(layers)]).to(device) for n, a in arrays.items()}
 
 
 def open_cache(root: str | Path, *, latents: str | None = None, teacher: str | None = None,

@@ -11,8 +11,11 @@ keys in the same order), so a latents-only reader never streams teacher bytes:
                                      <k>.q.npy <k>.k.npy (L, H, T, hd|r [+2])  codec qk-*, lowrank-*
                                      or <k>.logits.npy   (L, H, T, T)    codec logits-*
                                      or <k>.x.npy        (L, T, D [+2])  codec tokens-*
+                                     or <k>.stream.npy   (P + T, D [+2] | D·b/8 + 2)  codec stream-*
+                                                         (no feat members: features are derived)
     teacher/<key>/codec/             qk_weight.npy (L, 2, H, hd, D), qk_bias.npy (L, 2, H, hd)
-                                     float32, once per group (codec tokens-*; sha256 in the manifest)
+                                     float32, once per group (codec tokens-*; sha256 in the manifest),
+                                     or blocks l0..depth-1 + final norm (+ basis) (codec stream-*)
     text/<key>/shard-000000.tar      <k>.text.npy     (K, max_length, dim) every caption's encoding
                                      <k>.captions.json  JSON list of the K caption strings
     text/<key>/codec/                empty_caption.npy (max_length, dim): the "" encoding (CFG null)
@@ -45,6 +48,7 @@ from pipeline.cache.codecs import (  # noqa: F401  (re-exported: the schema is t
     CacheFormatError,
     Member,
     decode_features,
+    decode_targets,
     encode_features,
     feat_members,
     get_codec,
@@ -83,7 +87,9 @@ class TeacherSpec:
     scale: float                    # teacher attention scale (head_dim ** -0.5)
     feat_dtype: str = "float16"     # dtype the writer hands features over in; stored as is when "plain"
     codec: str = "qk-fp16"          # attention codec (pipeline.cache.codecs)
-    feat_codec: str = "plain"       # "plain" | "int8" (per-token scale in feat_scale.npy)
+    feat_codec: str = "plain"       # "plain" | "int8" (per-token scale in feat_scale.npy); unused by stream-*
+    depth: int = 0                  # teacher blocks; 0 = not recorded (groups written before stream-*)
+    mlp_dim: int = 0                # MLP hidden width of the teacher blocks (stream-* stores them); 0 = not recorded
 
     @property
     def num_tokens(self) -> int:
@@ -127,10 +133,11 @@ def fields(kind: str, spec: AnySpec) -> dict[str, dict[str, Any]]:
                 "cls": {"dtype": "ascii-int", "shape": []}}
     assert isinstance(spec, TeacherSpec)
     out: dict[str, dict[str, Any]] = {}
-    for name, (dtype, shape) in feat_members(spec.feat_codec, spec.feat_dtype, spec.num_tokens,
-                                             spec.embed_dim).items():
-        out[f"{name}.npy"] = {"dtype": dtype, "shape": list(shape)}
     codec = get_codec(spec.codec)
+    feats = {} if codec.derives_features else feat_members(spec.feat_codec, spec.feat_dtype, spec.num_tokens,
+                                                            spec.embed_dim)
+    for name, (dtype, shape) in feats.items():
+        out[f"{name}.npy"] = {"dtype": dtype, "shape": list(shape)}
     for name, (dtype, shape) in codec.members(spec).items():
         out[f"{name}.npy"] = {"dtype": dtype, "shape": list(shape), "codec": codec.name}
     return out
@@ -181,15 +188,18 @@ def encode_latent_sample(spec: LatentSpec, label: int, moments: np.ndarray) -> d
     return {"moments.npy": npy_bytes(moments.astype(spec.dtype, copy=False)), "cls": str(int(label)).encode()}
 
 
-def encode_teacher_sample(spec: TeacherSpec, feat: np.ndarray, q: np.ndarray | None = None,
-                          k: np.ndarray | None = None, *, x: np.ndarray | None = None) -> dict[str, bytes]:
+def encode_teacher_sample(spec: TeacherSpec, feat: np.ndarray | None, q: np.ndarray | None = None,
+                          k: np.ndarray | None = None, *, x: np.ndarray | None = None,
+                          stream: np.ndarray | None = None) -> dict[str, bytes]:
     """One teacher-group sample from feat (T, D) and the codec's inputs, through the spec's codecs:
-    q, k (L, H, T, hd), or for ``tokens-*`` the qkv input tokens x (L, T, D) (or int8 (L, T, D + 2)
-    already packed on the writer's device)."""
-    if tuple(feat.shape) != (spec.num_tokens, spec.embed_dim):
-        raise CacheFormatError(f"teacher features shape {feat.shape} != {(spec.num_tokens, spec.embed_dim)}")
+    q, k (L, H, T, hd), for ``tokens-*`` the qkv input tokens x (L, T, D) (or int8 (L, T, D + 2)
+    already packed on the writer's device), for ``stream-*`` the residual stream (P + T, D) entering
+    the first aligned block (or its stored rows, prepared on the device); ``feat`` is then unused."""
     codec = get_codec(spec.codec)
-    given = {"q": q, "k": k, "x": x}
+    if not codec.derives_features and (feat is None or tuple(feat.shape) != (spec.num_tokens, spec.embed_dim)):
+        raise CacheFormatError(f"teacher features shape {None if feat is None else feat.shape} != "
+                               f"{(spec.num_tokens, spec.embed_dim)}")
+    given = {"q": q, "k": k, "x": x, "stream": stream}
     missing = [n for n in codec.inputs if given[n] is None]
     if missing:
         raise CacheFormatError(f"attention codec {codec.name!r} encodes teacher outputs {list(codec.inputs)}; "
@@ -201,8 +211,13 @@ def encode_teacher_sample(spec: TeacherSpec, feat: np.ndarray, q: np.ndarray | N
         width = spec.embed_dim + 2 if x.dtype == np.int8 else spec.embed_dim  # int8: packed rows
         if tuple(x.shape) != (len(spec.layers), spec.num_tokens, width):
             raise CacheFormatError(f"teacher token (x) shape {x.shape} != {(len(spec.layers), spec.num_tokens, width)}")
+    if "stream" in codec.inputs:  # float (P + T, D), or the stored rows
+        shapes = [(spec.num_prefix_tokens + spec.num_tokens, spec.embed_dim), codec.members(spec)["stream"][1]]
+        if tuple(stream.shape) not in shapes:
+            raise CacheFormatError(f"teacher stream shape {stream.shape} != {shapes[0]} (or stored {shapes[1]})")
     encoded = codec.encode(*(given[n] for n in codec.inputs), spec.scale)
-    arrays = {**encode_features(feat, spec.feat_codec, spec.feat_dtype), **encoded}
+    feats = {} if codec.derives_features else encode_features(feat, spec.feat_codec, spec.feat_dtype)
+    arrays = {**feats, **encoded}
     return {f"{name}.npy": npy_bytes(arr) for name, arr in arrays.items()}
 
 

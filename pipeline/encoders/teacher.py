@@ -7,6 +7,9 @@ q and k of the patch tokens give the pre-softmax logits ``scale · q kᵀ`` exac
 also sees the projection's input: the ``tokens-*`` codec stores those tokens and decodes q, k
 through the projection weights (``Teacher.qk_params``), which it stores once per teacher group.
 What the hook keeps is chosen by ``capture``, so a codec pays only for the outputs it encodes.
+The ``stream-*`` codecs store the residual stream entering the first aligned block (a forward
+pre-hook there) and, once per group, the frozen blocks from there on (``Teacher.stream_params``),
+which the trainer reruns in pure torch (``pipeline.cache.codecs_blocks``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.cache.codecs_blocks import BLOCK_ARRAYS, LN_EPS, block_forward, final_norm
 from pipeline.encoders import weights
 
 log = logging.getLogger(__name__)
@@ -35,7 +39,7 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-CAPTURES = frozenset({"q", "k", "x"})
+CAPTURES = frozenset({"q", "k", "x", "stream"})
 
 
 @dataclass
@@ -44,6 +48,7 @@ class TeacherOut:
     q: torch.Tensor | None = None   # (N, L, H, T, hd) patch-token queries of the stored layers, fp32
     k: torch.Tensor | None = None   # (N, L, H, T, hd) patch-token keys
     x: torch.Tensor | None = None   # (N, L, T, D) patch tokens entering blocks[l].attn.qkv, fp32
+    stream: torch.Tensor | None = None  # (N, P + T, D) residual stream entering blocks[min(layers)], fp32
 
 
 def teacher_input_size(resolution: int) -> int:
@@ -69,7 +74,9 @@ class Teacher:
     """Wraps a timm DINOv2 ViT; ``__call__(uint8 images) -> TeacherOut`` for the given layers.
 
     ``capture`` picks what the hooks keep: q and k (the default), and/or x, the qkv input tokens
-    (only ``tokens-*`` caches need it). Capturing x checks up front that q, k are a linear map of x.
+    (only ``tokens-*`` caches need it), and/or the residual stream entering the first aligned block
+    (``stream-*``). Capturing x checks up front that q, k are a linear map of x; capturing the
+    stream, that the blocks from there on are DINOv2's (``codecs_blocks`` can rerun them).
     """
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[int], resolution: int,
@@ -86,6 +93,9 @@ class Teacher:
         self.head_dim = attn.head_dim
         self.scale = float(attn.scale)
         self.embed_dim = model.embed_dim
+        self.depth = depth
+        fc1 = getattr(getattr(model.blocks[0], "mlp", None), "fc1", None)
+        self.mlp_dim = fc1.out_features if isinstance(fc1, torch.nn.Linear) else 0
         self.num_prefix_tokens = model.num_prefix_tokens  # cls + registers, never assumed to be 1
         patch = model.patch_embed.patch_size[0]
         if self.input_size % patch:
@@ -93,14 +103,20 @@ class Teacher:
         self.grid = self.input_size // patch
         self.capture = frozenset(capture)
         if not self.capture <= CAPTURES or ("q" in self.capture) != ("k" in self.capture):
-            raise ValueError(f"teacher capture {sorted(self.capture)}: expected q and k together, and/or x")
+            raise ValueError(f"teacher capture {sorted(self.capture)}: expected q and k together, and/or x, stream")
         if "x" in self.capture:
             for layer in self.layers:
                 _require_linear_qk(model.blocks[layer].attn, layer)
         self._qkv: dict[int, torch.Tensor] = {}
         self._x: dict[int, torch.Tensor] = {}
-        for layer in self.layers if self.capture else ():  # nothing captured: no hooks at all
+        self._stream: list[torch.Tensor] = []
+        for layer in self.layers if self.capture - {"stream"} else ():  # nothing captured: no hooks at all
             model.blocks[layer].attn.qkv.register_forward_hook(self._hook(layer))
+        if "stream" in self.capture:
+            for i in range(min(self.layers), depth):
+                _require_dinov2_block(model.blocks[i], i)
+            _require_layer_norm(model.norm, "the final norm")
+            model.blocks[min(self.layers)].register_forward_pre_hook(lambda mod, args: self._stream.append(args[0]))
 
     def _hook(self, layer: int):
         def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
@@ -121,6 +137,7 @@ class Teacher:
         x = preprocess(images.to(self.device), self.input_size)
         self._qkv.clear()
         self._x.clear()
+        self._stream.clear()
         try:
             with autocast(x.device, precision):
                 tokens = self.model.forward_features(x)          # (N, P + T, D), final norm applied
@@ -134,10 +151,13 @@ class Teacher:
             if "x" in self.capture:
                 # patch tokens only: qkv is per-token, so their q, k never read the prefix tokens' x
                 out.x = torch.stack([self._x[layer][:, p:].float() for layer in self.layers], 1)
+            if "stream" in self.capture:  # all tokens: the prefix tokens take part in every later block
+                out.stream = self._stream[0].float()
             return out
         finally:
             self._qkv.clear()
             self._x.clear()
+            self._stream.clear()
 
     def _patch_qk(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k (N, L, H, T, hd) of the patch tokens from the captured projections."""
@@ -174,6 +194,70 @@ class Teacher:
             ws.append(w.reshape(2, self.num_heads, self.head_dim, -1))
             bs.append(b.reshape(2, self.num_heads, self.head_dim))
         return {"qk_weight": torch.stack(ws).cpu().numpy(), "qk_bias": torch.stack(bs).cpu().numpy()}
+
+
+    @torch.no_grad()
+    def stream_params(self) -> dict[str, np.ndarray]:
+        """Blocks min(layers) .. depth−1 and the final norm as float32 arrays (``codecs_blocks`` names,
+        block axis first): what a ``stream-*`` decode runs. Checked against the model's own forward on
+        a random stream, so a block that is not DINOv2's math is refused rather than decoded wrongly."""
+        blocks = list(self.model.blocks)[min(self.layers):]
+        arrays = {n: torch.stack([_block_array(b, n, self.embed_dim) for b in blocks]) for n in BLOCK_ARRAYS}
+        arrays["norm_weight"] = self.model.norm.weight.detach().float()
+        arrays["norm_bias"] = self.model.norm.bias.detach().float()
+        w = self.model.norm.weight
+        probe = torch.randn(2, self.num_prefix_tokens + 4, self.embed_dim,
+                            generator=torch.Generator().manual_seed(0)).to(device=w.device, dtype=w.dtype)
+        checks = [(f"block {min(self.layers) + i}", blk(probe).float(),
+                   block_forward(probe.float(), arrays, i, num_heads=self.num_heads, scale=self.scale)[0])
+                  for i, blk in enumerate(blocks)]  # each block alone: a scale the final norm hides still shows
+        checks.append(("the final norm", self.model.norm(probe).float(), final_norm(probe.float(), arrays)))
+        for where, ref, ours in checks:
+            if not torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6):
+                raise ValueError(f"teacher {where}: the stored block math does not reproduce the model's forward; "
+                                 "the stream-* codecs cannot decode it (use tokens-int8)")
+        return {n: a.cpu().numpy() for n, a in arrays.items()}
+
+
+def _block_array(block: torch.nn.Module, name: str, dim: int) -> torch.Tensor:
+    """One ``codecs_blocks.BLOCK_ARRAYS`` entry of a timm block, float32: LayerScale off = ones, no bias = zeros."""
+    module_path, _, leaf = name.rpartition("_")
+    module = block.get_submodule(module_path.replace("_", "."))
+    value = getattr(module, leaf, None)
+    if value is None:  # ls1/ls2 as Identity (no LayerScale), a Linear without bias
+        size = module.out_features if isinstance(module, torch.nn.Linear) else dim
+        value = torch.ones(dim) if leaf == "gamma" else torch.zeros(size)
+    return value.detach().float()
+
+
+def _require_layer_norm(norm: Any, where: str) -> None:
+    if not (isinstance(norm, torch.nn.LayerNorm) and norm.eps == LN_EPS and norm.elementwise_affine):
+        raise ValueError(f"teacher {where} is {norm!r}, not LayerNorm(eps={LN_EPS}) with weight and bias; "
+                         "the stream-* codecs cannot rerun it (use tokens-int8)")
+
+
+def _require_dinov2_block(block: torch.nn.Module, index: int) -> None:
+    """The structure ``codecs_blocks.run_blocks`` reproduces (checked numerically by ``stream_params``)."""
+    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    checks = {
+        "attn.qkv": isinstance(getattr(attn, "qkv", None), torch.nn.Linear),
+        "attn.proj": isinstance(getattr(attn, "proj", None), torch.nn.Linear),
+        "attn.q_norm/k_norm/norm": all(isinstance(getattr(attn, n, torch.nn.Identity()), torch.nn.Identity)
+                                       for n in ("q_norm", "k_norm", "norm")),
+        "attn.gate": getattr(attn, "gate", None) is None,
+        "mlp (fc1, GELU, fc2)": isinstance(getattr(mlp, "fc1", None), torch.nn.Linear)
+        and isinstance(getattr(mlp, "fc2", None), torch.nn.Linear)
+        and isinstance(getattr(mlp, "act", None), torch.nn.GELU) and mlp.act.approximate == "none"
+        and isinstance(getattr(mlp, "norm", torch.nn.Identity()), torch.nn.Identity),
+        "ls1/ls2": all(isinstance(getattr(block, n, None), torch.nn.Identity) or hasattr(getattr(block, n, None), "gamma")
+                       for n in ("ls1", "ls2")),
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(f"teacher block {index}: {', '.join(bad)} not as in DINOv2; the stream-* codecs cannot "
+                         "rerun it (use tokens-int8)")
+    for n in ("norm1", "norm2"):
+        _require_layer_norm(getattr(block, n, None), f"block {index} {n}")
 
 
 def _require_linear_qk(attn: torch.nn.Module, layer: int) -> None:
