@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +21,6 @@ import torch
 from pipeline import dist
 from pipeline.cache import groups
 from pipeline.cache.schema import (
-    CODEC_DIR,
     FEAT_CODECS,
     LATENTS,
     SCHEMA_VERSION,
@@ -37,7 +35,7 @@ from pipeline.cache.schema import (
     codec_file_records,
     get_codec,
 )
-from pipeline.cache.shards import atomic_write_json, remove_stale_temps
+from pipeline.cache.shards import atomic_write_json
 from pipeline.cache.text import null_record
 from pipeline.configs import ConfigError, check, to_dict
 from pipeline.encoders import weights
@@ -53,6 +51,7 @@ from pipeline.encoders.vae import DEFAULT_VAE, latent_scale_bias
 from pipeline.inputs.captions import CaptionedSource, open_input
 from pipeline.inputs.images import DEFAULT_MAX_PIXELS
 from pipeline.inputs.sources import DEFAULT_MAX_FILE_BYTES, Source
+from stages.preprocess_dirs import prepare_dirs, remove_temps  # noqa: F401  (prepare_dirs: used by the importers)
 from stages.preprocess_engine import (  # noqa: F401  (PreprocessError, done_record: part of this stage's API)
     PreprocessError,
     done_record,
@@ -398,44 +397,3 @@ def finish_complete(cfg: PreprocessConfig, d: dist.DistInfo, source: Source, pla
                  "recorded them", Path(cfg.out) / groups.INDEX)
         repaired.append(str(Path(cfg.out) / groups.INDEX))
     return repaired
-
-
-def remove_temps(root: Path | None, plans: list[GroupPlan]) -> list[Path]:
-    """Remove the temp files a killed run left in the cache root and in the plans' group directories."""
-    removed = groups.remove_index_temps(root) if root is not None else []
-    for p in plans:
-        for folder in (p.dir, p.dir / "progress", p.dir / CODEC_DIR):
-            removed += remove_stale_temps(folder) if folder.is_dir() else []
-    for stale in removed:
-        log.info("removed %s left by an interrupted run", stale)
-    return removed
-
-
-def prepare_dirs(d: dist.DistInfo, pending: list[GroupPlan], root: Path | None = None,
-                 plans: list[GroupPlan] | None = None) -> None:
-    """Create the pending groups' directories; rank 0 removes the temp files a killed run left in
-    the cache ``root`` and in every group of ``plans`` (default: the pending ones)."""
-    _make_dirs(pending)
-    if d.is_main:  # before any rank writes: a temp file from a killed run must not outlive the rerun
-        remove_temps(root, plans if plans is not None else pending)
-    dist.barrier()
-
-
-def _make_dirs(plans: list[GroupPlan]) -> None:
-    for p in plans:
-        try:
-            (p.dir / "progress").mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise PreprocessError(f"cannot create the cache directory {p.dir}: {e.strerror or e}") from None
-        if not dist_writable(p.dir):
-            raise PreprocessError(f"cache directory {p.dir} is not writable")
-
-
-def dist_writable(path: Path) -> bool:
-    probe = path / f".write-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-        return True
-    except OSError:
-        return False

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +52,8 @@ from pipeline.cache.codecs import (  # noqa: F401  (re-exported: the schema is t
     feat_members,
     get_codec,
 )
+from pipeline.cache.keys import member_name, sample_key, unsafe_key_reason  # noqa: F401  (re-exported)
+from pipeline.cache.npy import load_npy, npy_bytes  # noqa: F401  (re-exported)
 
 SCHEMA_VERSION = 1
 LATENTS, TEACHER, TEXT = "latents", "teacher", "text"
@@ -141,44 +142,6 @@ def fields(kind: str, spec: AnySpec) -> dict[str, dict[str, Any]]:
     for name, (dtype, shape) in codec.members(spec).items():
         out[f"{name}.npy"] = {"dtype": dtype, "shape": list(shape), "codec": codec.name}
     return out
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def load_npy(data: bytes, *, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
-    """A plain .npy payload as a read-only view of ``data`` (no copy): the loader's batch
-    stacking is then the only copy of the ~3.5 MB teacher record. Pickles, object dtypes,
-    Fortran order and .npz archives are refused."""
-    fp = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(fp)
-        header = _npy_header(fp, version)
-    except ValueError as e:
-        raise CacheFormatError(f"{where}: not a plain .npy array ({e})") from None
-    found_shape, fortran, found_dtype = header
-    if found_dtype.hasobject or fortran:
-        raise CacheFormatError(f"{where}: not a plain .npy array (object dtype or Fortran order)")
-    if len(shape) == len(found_shape):  # -1 matches any positive length (a text sample's caption count)
-        shape = tuple(f if s == -1 and f > 0 else s for s, f in zip(shape, found_shape))
-    if found_dtype != np.dtype(dtype) or tuple(found_shape) != tuple(shape):
-        raise CacheFormatError(f"{where}: expected {dtype} {tuple(shape)}, found {found_dtype} {tuple(found_shape)}")
-    offset = fp.tell()
-    count = int(np.prod(found_shape))
-    if len(data) - offset != count * found_dtype.itemsize:
-        raise CacheFormatError(f"{where}: truncated .npy payload ({len(data) - offset} bytes for {count} items)")
-    return np.frombuffer(data, dtype=found_dtype, count=count, offset=offset).reshape(found_shape)
-
-
-def _npy_header(fp: io.BytesIO, version: tuple[int, int]) -> tuple[tuple[int, ...], bool, np.dtype]:
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fp)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(fp)
-    raise ValueError(f"unsupported .npy version {version}")
 
 
 def encode_latent_sample(spec: LatentSpec, label: int, moments: np.ndarray) -> dict[str, bytes]:
@@ -335,36 +298,6 @@ def load_codec_params(group_dir: Path, spec: TeacherSpec, records: Mapping[str, 
                                    "re-run `haste preprocess` to rebuild the teacher group")
         out[fname.removesuffix(".npy")] = load_npy(data, dtype=dtype, shape=tuple(shape), where=str(path)).copy()
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Keys: source keys must survive WebDataset's "key = path up to the first dot" rule
-# ----------------------------------------------------------------------------------------------
-
-def sample_key(relpath: str) -> str:
-    """Relative image path -> tar sample key: extension dropped, '%' and '.' escaped (reversible)."""
-    stem = relpath.rsplit(".", 1)[0] if "." in relpath.rsplit("/", 1)[-1] else relpath
-    return stem.replace("%", "%25").replace(".", "%2E")
-
-
-def unsafe_key_reason(key: str) -> str | None:
-    """Why ``key`` must not name members of our shards (None when it may). Shards are tars users may
-    extract with ``tar``: a key is a relative path that stays inside the archive, in printable UTF-8."""
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        return "not valid UTF-8"
-    if key.startswith("/"):
-        return "absolute path"
-    if any(part in ("", ".", "..") for part in key.split("/")):
-        return "has an empty, '.' or '..' path component"
-    if "\\" in key or any(ord(c) < 32 or ord(c) == 127 for c in key):
-        return "has a backslash or control character"
-    return None
-
-
-def member_name(key: str, ext: str) -> str:
-    return f"{key}.{ext}"
 
 
 # ----------------------------------------------------------------------------------------------
