@@ -24,8 +24,10 @@ from pipeline.configs import to_dict
 from trainer import checkpoint
 from trainer.config import RESUME_SAFE, TrainConfig, config_diff
 from trainer.engine import build_model, build_optimizer, setup_numerics, train_step, update_ema, wrap
-from trainer.phases import Phase, build_phases, phase_at
+from trainer.phases import Phase, phase_at, phase_two_boundary
 from trainer.preview import StatsWriter, fixed_preview_inputs, loss_plot, sample_grid
+from trainer.stop import STOP_RESUME_SAFE, normalise_saved_config
+from trainer.stopper import StopController
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ def open_data(cfg: TrainConfig, phase: Phase, d: dist.DistInfo, start_batch: int
 
 
 def check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    diff = {k: v for k, v in config_diff(saved, current).items() if k not in RESUME_SAFE}
+    diff = {k: v for k, v in config_diff(normalise_saved_config(saved), current).items()
+            if k not in RESUME_SAFE | STOP_RESUME_SAFE}
     if diff:
         lines = "\n".join(f"  {k}: {a!r} (checkpoint) -> {b!r} (now)" for k, a, b in
                           ((k, *v) for k, v in diff.items()))
@@ -72,11 +75,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ckpts = checkpoint.list_checkpoints(run_dir)
     if ckpts:
         check_resume(checkpoint.load_meta(ckpts[-1])["config"], cfg_dict, ckpts[-1])
-    phases = build_phases(cfg.align)
     model, ema = build_model(cfg, d.device)
     opt = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
-    step = _restore(ckpts[-1], model, ema, opt, scaler, d) if ckpts else 0
+    stopper = StopController(cfg, d, run_dir)  # align.stop: the phase list, probes, the fired step
+    step = _restore(ckpts[-1], model, ema, opt, scaler, d, stopper) if ckpts else 0
+    phases = stopper.phases()
     stats = StatsWriter(run_dir, d.is_main)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +102,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         new = phase_at(step, phases)
         if new != phase:  # an explicit event: checkpoint (unless the interval save just did), reopen data, re-wrap
             if saved_at != step:
-                _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d,
+                _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, stopper,
                       reason=f"end of phase {phase.name}")
                 saved_at = step
             log.info("step %d: entering phase %s (teacher %s)", step, new.name, "on" if new.needs_teacher else "off")
@@ -111,21 +115,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         update_ema(ema, model, cfg.ema_decay)
         meter.add(losses, step)
         step += 1
+        if (probe := stopper.after_step(step, model, cache, scaler)) is not None:
+            stats.write(probe)  # before this step's checkpoint, which then holds the decision
+            phases = stopper.phases()
         if step % cfg.log_every == 0 or step == cfg.total_steps:
             stats.write(meter.flush(step, phase, cfg.global_batch_size))
         if step % cfg.ckpt_every == 0 or step == cfg.total_steps:
-            _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, reason="interval")
+            _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, stopper, reason="interval")
             saved_at = step
         if step % cfg.sample_every == 0 or step == cfg.total_steps:
             preview.grid(ema, step, run_dir)
             if d.is_main:  # redrawn with the previews, not every log line: rank 0 holds the others
-                loss_plot(stats.read(), run_dir / "loss.png", cfg.align.stop_step)
+                loss_plot(stats.read(), run_dir / "loss.png", phase_two_boundary(phases))
     dist.barrier()
     return {"step": step, "phase": phase.name, "run_dir": str(run_dir)}
 
 
-def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo) -> int:
+def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo, stopper: StopController) -> int:
     ckpt = checkpoint.load(path, map_location=d.device)
+    stopper.load_state_dict(ckpt.get("train_state", {}).get("stop"))
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
@@ -145,7 +153,7 @@ def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo) -> int:
     return int(ckpt["steps"])
 
 
-def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, reason: str) -> None:
+def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, stopper, reason: str) -> None:
     meter.raise_if_nonfinite()  # never write a checkpoint after a NaN: the last good one stays
     if d.is_main:
         payload = {
@@ -154,9 +162,10 @@ def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, r
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": [torch.cuda.get_rng_state(d.device)] if d.device.type == "cuda" else []},
             "train_state": {"step": step, "phase": phase.name, "data_batches": step * cfg.grad_accum,
-                            "world_size": d.world_size},
+                            "world_size": d.world_size, "stop": stopper.state_dict()},
         }
         meta = {"config": to_dict(cfg), "step": step, "phase": phase.name, "reason": reason, "git_sha": git_sha(),
+                "stop": stopper.state_dict(),
                 "cache": {"latents": cache.latents.key, "teacher": cache.teacher.key if cache.teacher else None},
                 # what `haste eval` needs to decode samples even when the cache is gone
                 "latents": {"vae": cache.latents.identity["vae"], "scale": cache.latents.spec.scale,
