@@ -287,3 +287,16 @@ def test_constructed_sign(demo_cache: Path, tmp_path: Path, monkeypatch: pytest.
     result = run_probe(model, cfg, cfg.align.stop, open_cache(demo_cache), step=1, d=CPU)
     assert result.record.cos == pytest.approx([math.copysign(1.0, factor)] * 4, abs=1e-6)
     assert cfg.align.stop.fires([result.record]) is fires
+
+
+def test_resume_check_normalises_and_allows_probe_batch(tmp_path: Path) -> None:
+    from trainer.loop import TrainingError, check_resume
+
+    legacy = to_dict(load_train_config(None, ("align.stop_step=5",)))
+    legacy["align"]["stop_step"] = legacy["align"].pop("stop")["step"]     # as a run saved before align.stop
+    check_resume(legacy, to_dict(load_train_config(None, ("align.stop.step=5",))), tmp_path)
+    base = ("align.stop.trigger=grad-angle",)
+    saved = to_dict(load_train_config(None, base))
+    check_resume(saved, to_dict(load_train_config(None, (*base, "align.stop.batch_size=8"))), tmp_path)  # memory only
+    with pytest.raises(TrainingError, match="align.stop.threshold: -0.05 \\(checkpoint\\) -> -0.1 \\(now\\)"):
+        check_resume(saved, to_dict(load_train_config(None, (*base, "align.stop.threshold=-0.1"))), tmp_path)
