@@ -300,3 +300,18 @@ def test_resume_check_normalises_and_allows_probe_batch(tmp_path: Path) -> None:
     check_resume(saved, to_dict(load_train_config(None, (*base, "align.stop.batch_size=8"))), tmp_path)  # memory only
     with pytest.raises(TrainingError, match="align.stop.threshold: -0.05 \\(checkpoint\\) -> -0.1 \\(now\\)"):
         check_resume(saved, to_dict(load_train_config(None, (*base, "align.stop.threshold=-0.1"))), tmp_path)
+
+
+def test_demo_trigger_config_is_the_demo_with_a_trigger() -> None:
+    from pipeline.configs import load_yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    demo, trig = load_train_config(root / "demo.yaml"), load_train_config(root / "demo-trigger.yaml")
+    assert demo.align.stop == StepStop(step=500)                            # the demo keeps the fixed step
+    assert trig.align.stop == TriggerStop(start=100, every=50, samples=64, max_step=700)
+    assert set(config_diff(to_dict(demo), to_dict(trig))) == {
+        "run_dir", "align.stop.step", "align.stop.trigger", "align.stop.start", "align.stop.every",
+        "align.stop.samples", "align.stop.times", "align.stop.block", "align.stop.threshold",
+        "align.stop.max_step", "align.stop.batch_size"}
+    a, b = load_yaml(root / "demo.yaml"), load_yaml(root / "demo-trigger.yaml")
+    assert a["preprocess"] == b["preprocess"] and a["eval"] == b["eval"]    # the same cache serves both
