@@ -96,7 +96,8 @@ def main() -> None:
                          "training_between_probes_s": round(between, 1)},
         "ratios": {"probe_share_of_training": round(share, 5),
                    "probe_per_sample_t_over_step_per_sample": round(per_sample, 3)},
-        "headline": {f"probe share of training time, paper settings ({args.model})": f"{100 * share:.3f} %"},
+        "headline": {f"probe share of training time, paper settings ({args.model})": f"{100 * share:.3f} %",
+                     "probe cost per (sample, t) / training step per sample": round(per_sample, 3)},
     }
     path = write(f"probe-{device.type}-{args.model.replace('/', '_')}", result, args.out)
     print(f"{result['seconds']} {result['ratios']} -> {path}")
