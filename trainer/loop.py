@@ -131,9 +131,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return {"step": step, "phase": phase.name, "run_dir": str(run_dir)}
 
 
-def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo, stopper: StopController) -> int:
+def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo, stopper: StopController | None = None) -> int:
     ckpt = checkpoint.load(path, map_location=d.device)
-    stopper.load_state_dict(ckpt.get("train_state", {}).get("stop"))
+    if stopper is not None:  # the fired step and probe history (align.stop)
+        stopper.load_state_dict(ckpt.get("train_state", {}).get("stop"))
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
