@@ -13,7 +13,7 @@ BIN     := $(VENV)/bin
 HASTE   := $(BIN)/haste
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install test test-fast lint preprocess verify train eval import-edm2 export-edm2 demo bench bench-preprocess bench-train bench-eval bench-codecs bench-text import-uvit clean
+.PHONY: help install test test-fast lint preprocess verify train eval import-edm2 export-edm2 demo demo-trigger bench bench-preprocess bench-train bench-eval bench-codecs bench-text bench-probe import-uvit clean
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -64,7 +64,15 @@ demo: preprocess train eval  ## the whole demo chain on CPU: preprocess -> train
 	@echo "  training previews  $(RUN)/samples/step-*.png    losses  $(RUN)/loss.png, $(RUN)/stats.jsonl"
 	@echo "  eval               $$(ls -d $(RUN)/eval/*/ | tail -1)  (grid.png, samples.npz, metrics.json)"
 
-bench: bench-preprocess bench-train bench-eval bench-codecs bench-text  ## every benchmark, then one report (JSON + markdown + PNG)
+demo-trigger: $(STAMP)  ## the demo with the gradient-angle trigger instead of a fixed tau: preprocess -> train, probe.png
+	$(MAKE) preprocess CONFIG=configs/demo-trigger.yaml CACHE=$(CACHE)
+	$(MAKE) train CONFIG=configs/demo-trigger.yaml CACHE=$(CACHE) RUN=runs/demo-trigger
+	@echo ""
+	@echo "demo-trigger done. run: runs/demo-trigger/"
+	@echo "  cosine per t and mean vs step  runs/demo-trigger/probe.png   decision  runs/demo-trigger/stop.json"
+	@echo "  losses (Phase II from the fired step, dashed)  runs/demo-trigger/loss.png"
+
+bench: bench-preprocess bench-train bench-eval bench-codecs bench-text bench-probe  ## every benchmark, then one report (JSON + markdown + PNG)
 	$(BIN)/python benchmarks/report.py
 
 bench-preprocess: $(STAMP)  ## preprocess images/s vs bare model compute
@@ -82,6 +90,9 @@ bench-codecs: $(STAMP)  ## teacher codecs: bytes/image vs fidelity (x1/x5/x20, s
 
 bench-text: $(STAMP)  ## text group: bytes/image (COCO, 10M web), fp16 vs fp32 error, CLIP-L captions/s, import + loader
 	$(BIN)/python benchmarks/bench_text.py $(ARGS)
+
+bench-probe: $(STAMP)  ## the termination probe's share of training time at the paper's settings (extrapolated, stated)
+	$(BIN)/python benchmarks/bench_probe.py $(ARGS)
 
 clean:  ## remove the demo cache and runs (not .venv)
 	rm -rf $(CACHE) runs benchmarks/results

@@ -2,6 +2,7 @@
 
     haste preprocess --config configs/demo.yaml --set out=cache [--dry-run]
     haste train --config configs/demo.yaml      haste eval --config configs/demo.yaml --set run_dir=runs/demo
+    haste train --config configs/demo.yaml --probe-only runs/demo/checkpoints/step-0000250.pt
     haste cache info cache/        haste cache verify cache/
     haste synth out_dir --count 64 --classes 4 --size 256
 """
@@ -84,11 +85,25 @@ def preprocess(config_path: str | None, overrides: tuple[str, ...], dry_run: boo
 @config_option
 @set_option
 @dry_run_option
-def train(config_path: str | None, overrides: tuple[str, ...], dry_run: bool) -> None:
+@click.option("--probe-only", "probe_ckpt", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Do not train: compute the termination probe (gradient angle, align.stop or the paper's "
+                   "settings) on this checkpoint (ours or an official HASTE/REPA one) with the config's cache.")
+@click.option("--probe-out", type=click.Path(dir_okay=False), default=None,
+              help="JSON file for --probe-only (default: <checkpoint>-probe.json next to it).")
+def train(config_path: str | None, overrides: tuple[str, ...], dry_run: bool, probe_ckpt: str | None,
+          probe_out: str | None) -> None:
     """Train SiT on a cache: Phase I with cached teacher targets, Phase II denoising only."""
     from stages.train import run
     from trainer.config import load_train_config
 
+    if probe_ckpt is not None:
+        from stages.probe_only import run as probe
+
+        result = run_stage(load_train_config, lambda cfg: probe(cfg, probe_ckpt, probe_out), config_path,
+                           overrides, dry_run)
+        if result is not None:
+            click.echo(result["summary"])
+        return
     result = run_stage(load_train_config, run, config_path, overrides, dry_run)
     if result is not None:
         click.echo(json.dumps(result))

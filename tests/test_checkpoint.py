@@ -136,7 +136,7 @@ def two_step_run(demo_cache: Path, tmp_path_factory) -> Path:
     ({"lr": 1e-3}, "lr", "0.0003", "0.001"),
     ({"align.attn_weight": 0.25}, "align.attn_weight", "0.5", "0.25"),
     ({"model.depth": 9}, "model.depth", "8", "9"),
-    ({"align.stop_step": 5}, "align.stop_step", "3", "5"),
+    ({"align.stop_step": 5}, "align.stop.step", "3", "5"),      # the legacy alias, compared normalised
     ({"data.num_workers": 2}, "data.num_workers", "0", "2"),   # changes the data order
     ({"precision": "bf16"}, "precision", "'fp32'", "'bf16'"),
 ])

@@ -15,6 +15,7 @@ from pipeline.configs import ConfigError
 from trainer.config import AlignConfig, load_train_config
 from trainer.loop import train
 from trainer.phases import build_phases, phase_at
+from trainer.stop import StepStop
 
 # ----------------------------------------------------------------------------------------------
 # Pure phase logic
@@ -28,7 +29,7 @@ def _one_thread():
 
 @pytest.mark.parametrize("tau", [1, 3, 250_000])
 def test_phase_at_boundary(tau: int) -> None:
-    phases = build_phases(AlignConfig(stop_step=tau))
+    phases = build_phases(AlignConfig(stop=StepStop(step=tau)))
     assert [p.name for p in phases] == ["I", "II"]
     assert phase_at(0, phases).name == "I"
     assert phase_at(tau - 1, phases).name == "I"          # the tau-th step (index tau-1) still aligns
@@ -43,12 +44,12 @@ def test_phase_at_boundary(tau: int) -> None:
 
 def test_phase_at_rejects_negative_step() -> None:
     with pytest.raises(ValueError, match="no phase covers step -1"):
-        phase_at(-1, build_phases(AlignConfig(stop_step=3)))
+        phase_at(-1, build_phases(AlignConfig(stop=StepStop(step=3))))
 
 
 @pytest.mark.parametrize("align", [
-    dict(stop_step=0),                                    # vanilla via tau = 0
-    dict(feat_weight=0.0, attn_weight=0.0, stop_step=5),  # vanilla via zero weights
+    dict(stop=StepStop(step=0)),                          # vanilla via tau = 0
+    dict(feat_weight=0.0, attn_weight=0.0, stop=StepStop(step=5)),  # vanilla via zero weights
 ])
 def test_vanilla_is_one_denoise_phase(align: dict) -> None:
     phases = build_phases(AlignConfig(**align))
@@ -57,7 +58,7 @@ def test_vanilla_is_one_denoise_phase(align: dict) -> None:
 
 
 def test_repa_only_never_terminates() -> None:
-    phases = build_phases(AlignConfig(attn_weight=0.0, stop_step=None))
+    phases = build_phases(AlignConfig(attn_weight=0.0, stop=StepStop(step=None)))
     assert [p.name for p in phases] == ["I"]
     p = phase_at(10**9, phases)
     assert p.needs_features and not p.needs_attention
@@ -73,11 +74,11 @@ def test_haste_sit_b_preset_resolves() -> None:
     assert a.feature_block == 4                           # official encoder_depth 5 (1-based)
     assert a.student_blocks == (2, 3, 4) and a.teacher_layers == (7, 9, 11)
     assert a.student_heads == tuple(range(12)) == a.teacher_heads
-    assert a.stop_step == 100_000 and a.feat_weight == a.attn_weight == 0.5
+    assert a.stop == StepStop(step=100_000) and a.feat_weight == a.attn_weight == 0.5
     assert (cfg.model.depth, cfg.model.hidden_size, cfg.model.num_heads) == (12, 768, 12)
     # A field given next to the preset overrides it.
-    cfg = load_train_config(None, ("align.preset=haste-sit-b", "align.stop_step=7"))
-    assert cfg.align.stop_step == 7 and cfg.align.teacher_layers == (7, 9, 11)
+    cfg = load_train_config(None, ("align.preset=haste-sit-b", "align.stop_step=7"))  # the legacy alias
+    assert cfg.align.stop == StepStop(step=7) and cfg.align.teacher_layers == (7, 9, 11)
 
 
 @pytest.mark.parametrize("sets, field", [

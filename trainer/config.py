@@ -17,23 +17,24 @@ from typing import Any, Literal
 from pipeline import configs
 from pipeline.configs import ConfigError, check
 from trainer.models.sit import SIT_PRESETS, ModelConfig
+from trainer.stop import StepStop, StopConfig, check_trigger_fits, normalise_align
 
 # Alignment recipes (SPEC §2.3, §2.4, Paper Table 16). Block/layer indices are 0-based.
 ALIGN_PRESETS: dict[str, dict[str, Any]] = {
     # L/XL (and the defaults): feature depth 8, student 4-7 <- teacher 8-11, heads 0-11, tau 250K.
     "haste": dict(feat_weight=0.5, attn_weight=0.5, feature_block=7, student_blocks=(4, 5, 6, 7),
                   teacher_layers=(8, 9, 10, 11), student_heads=tuple(range(12)), teacher_heads=tuple(range(12)),
-                  stop_step=250_000),
+                  stop=StepStop(step=250_000)),
     # The paper's SiT-B recipe, not expressible in the released code: depth 5, 2,3,4 <- 7,9,11, tau 100K.
     "haste-sit-b": dict(feat_weight=0.5, attn_weight=0.5, feature_block=4, student_blocks=(2, 3, 4),
                         teacher_layers=(7, 9, 11), student_heads=tuple(range(12)), teacher_heads=tuple(range(12)),
-                        stop_step=100_000),
+                        stop=StepStop(step=100_000)),
     # REPA: feature alignment only, never terminated.
     "repa": dict(feat_weight=0.5, attn_weight=0.0, feature_block=7, student_blocks=(), teacher_layers=(),
-                 student_heads=(), teacher_heads=(), stop_step=None),
+                 student_heads=(), teacher_heads=(), stop=StepStop(step=None)),
     # Vanilla SiT: denoising loss only from step 0.
     "vanilla": dict(feat_weight=0.0, attn_weight=0.0, student_blocks=(), teacher_layers=(), student_heads=(),
-                    teacher_heads=(), stop_step=0),
+                    teacher_heads=(), stop=StepStop(step=0)),
 }
 
 
@@ -46,12 +47,11 @@ class AlignConfig:
     teacher_layers: tuple[int, ...] = (8, 9, 10, 11)
     student_heads: tuple[int, ...] = tuple(range(12))  # paired index-wise with teacher_heads
     teacher_heads: tuple[int, ...] = tuple(range(12))
-    stop_step: int | None = 250_000                 # tau: alignment for steps [0, tau); None = never stop
+    stop: StopConfig = StepStop(step=250_000)       # tau (or a trigger, trainer/stop.py); legacy: stop_step
 
     def __post_init__(self) -> None:
         check(self.feat_weight >= 0, "align.feat_weight", "must be >= 0")
         check(self.attn_weight >= 0, "align.attn_weight", "must be >= 0")
-        check(self.stop_step is None or self.stop_step >= 0, "align.stop_step", "must be >= 0 or null")
         if self.attn_weight > 0:
             check(len(self.student_blocks) == len(self.teacher_layers) > 0, "align.student_blocks",
                   f"needs one teacher layer per student block (got {self.student_blocks} vs {self.teacher_layers})")
@@ -126,6 +126,8 @@ class TrainConfig:
             check(not bad, "align.student_blocks", f"{bad} out of range for a depth-{m.depth} model")
             bad = [h for h in a.student_heads if not 0 <= h < m.num_heads]
             check(not bad, "align.student_heads", f"{bad} out of range for {m.num_heads} heads")
+        check_trigger_fits(a.stop, depth=m.depth, feat_weight=a.feat_weight, attn_weight=a.attn_weight,
+                           feature_block=a.feature_block, student_blocks=a.student_blocks)
 
     def per_rank_batch(self, world_size: int) -> int:
         if self.global_batch_size % (world_size * self.grad_accum):
@@ -154,7 +156,7 @@ def load_train_config(path: str | Path | None, overrides: tuple[str, ...] = ()) 
     data = configs.load_yaml(path).get("train", {}) if path else {}
     data = configs.apply_overrides(data or {}, overrides)
     data["model"] = _with_preset(data.get("model", {}), SIT_PRESETS, "model")
-    data["align"] = _with_preset(data.get("align", {}), ALIGN_PRESETS, "align")
+    data["align"] = _with_preset(normalise_align(data.get("align")), ALIGN_PRESETS, "align")
     try:
         return configs.build(TrainConfig, data)
     except ValueError as e:  # ModelConfig raises plain ValueErrors naming ModelConfig.<field>

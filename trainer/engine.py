@@ -155,8 +155,22 @@ def micro_loss(net: torch.nn.Module, model: SiT, cfg: TrainConfig, phase: Phase,
     t = sample_time(n, cfg.time_sampling, cfg.path, generator=g, device=inp.x0.device)
     noise = torch.randn(inp.x0.shape, generator=g, device=inp.x0.device)
     x_t, v = interpolate(inp.x0, noise, t, cfg.path)
+    losses = loss_terms(net, cfg, phase, inp, x_t, t, v)
+    losses["loss"] = total_loss(losses["denoise"], losses.get("feat"), losses.get("attn"),
+                                feat_weight=phase.feat_weight, attn_weight=phase.attn_weight)
+    return losses
+
+
+def loss_terms(net: torch.nn.Module, cfg: TrainConfig, phase: Phase, inp: StepInputs, x_t: torch.Tensor,
+               t: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch-mean loss terms a phase trains on ("denoise", + "feat", "attn"), before weighting.
+
+    Shared by the training step and the termination probe (trainer/probe.py), so the probe's
+    gradients are those of exactly the terms the training loss adds. The forward runs under the
+    training precision; the losses are computed outside autocast, in float32.
+    """
     a = cfg.align
-    with autocast(cfg, inp.x0.device):
+    with autocast(cfg, x_t.device):
         out = net(x_t, t, inp.y, attn_blocks=a.student_blocks if phase.needs_attention else (),
                   feature_block=a.feature_block if phase.needs_features else None)
     losses = {"denoise": flow_matching_loss(out.out.float(), v).mean()}
@@ -166,8 +180,6 @@ def micro_loss(net: torch.nn.Module, model: SiT, cfg: TrainConfig, phase: Phase,
         student = [out.attn_logits[b] for b in a.student_blocks]
         teacher = list(inp.teacher_logits.unbind(1))
         losses["attn"] = attention_alignment_loss(student, teacher, a.student_heads, a.teacher_heads)
-    losses["loss"] = total_loss(losses["denoise"], losses.get("feat"), losses.get("attn"),
-                                feat_weight=phase.feat_weight, attn_weight=phase.attn_weight)
     return losses
 
 
@@ -178,6 +190,13 @@ def prepare_inputs(batch: dict, model: SiT, cfg: TrainConfig, phase: Phase, cach
     moments = batch["moments"].to(device, non_blocking=True)
     x0 = sample_latents(moments, lat.scale, lat.bias, generator=g)
     y = model.drop_labels(batch["label"].to(device, non_blocking=True), generator=g)
+    feat, logits = teacher_targets(batch, cfg, phase, cache, device)
+    return StepInputs(x0=x0, y=y, teacher_feat=feat, teacher_logits=logits)
+
+
+def teacher_targets(batch: dict, cfg: TrainConfig, phase: Phase, cache,
+                    device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A cached batch's teacher features (N, T, D) and aligned-layer logits (N, P, H, T, T), as the phase needs."""
     feat = logits = None
     if phase.needs_features or phase.needs_attention:
         # Both targets through the group's codec (stream-* derives them from one tensor), only the
@@ -186,7 +205,7 @@ def prepare_inputs(batch: dict, model: SiT, cfg: TrainConfig, phase: Phase, cach
         idx = [ts.layers.index(layer) for layer in cfg.align.teacher_layers] if phase.needs_attention else None
         feat, logits = cache.teacher_targets(batch, idx, device=device, features=phase.needs_features,
                                              attention=phase.needs_attention)
-    return StepInputs(x0=x0, y=y, teacher_feat=feat, teacher_logits=logits)
+    return feat, logits
 
 
 def train_step(net: torch.nn.Module, model: SiT, opt: torch.optim.Optimizer, scaler, cfg: TrainConfig,

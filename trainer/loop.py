@@ -32,10 +32,12 @@ from trainer.engine import (
     update_ema,
     wrap,
 )
-from trainer.phases import Phase, build_phases, phase_at
+from trainer.phases import Phase, phase_at, phase_two_boundary
 from trainer.preview import Previewer
 from trainer.progress import Progress
 from trainer.runlog import Meter, StatsWriter
+from trainer.stop import STOP_RESUME_SAFE, normalise_saved_config
+from trainer.stopper import StopController
 
 log = logging.getLogger(__name__)
 __all__ = ["TrainingError", "train"]
@@ -61,7 +63,8 @@ def open_data(cfg: TrainConfig, phase: Phase, d: dist.DistInfo, start_batch: int
 
 
 def check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    diff = {k: v for k, v in config_diff(saved, current).items() if k not in RESUME_SAFE}
+    diff = {k: v for k, v in config_diff(normalise_saved_config(saved), current).items()
+            if k not in RESUME_SAFE | STOP_RESUME_SAFE}
     if diff:
         lines = "\n".join(f"  {k}: {a!r} (checkpoint) -> {b!r} (now)" for k, a, b in
                           ((k, *v) for k, v in diff.items()))
@@ -85,12 +88,13 @@ def _train(cfg: TrainConfig, d: dist.DistInfo, progress: Progress) -> dict[str, 
     ckpts = checkpoint.list_checkpoints(run_dir)
     if ckpts:
         check_resume(checkpoint.load_meta(ckpts[-1])["config"], cfg_dict, ckpts[-1])
-    phases = build_phases(cfg.align)
     model, ema = build_model(cfg, d.device)
     opt = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
     meter = Meter(d.device)
-    step = _restore(ckpts[-1], model, ema, opt, scaler, d, meter) if ckpts else 0
+    stopper = StopController(cfg, d, run_dir)  # align.stop: the phase list, probes, the fired step
+    step = _restore(ckpts[-1], model, ema, opt, scaler, d, meter, stopper) if ckpts else 0
+    phases = stopper.phases()
     stats = StatsWriter(run_dir, d.is_main)
     if d.is_main:
         _prepare_run_dir(run_dir, {"config": cfg_dict, "git_sha": git_sha(), "world_size": d.world_size}, stats, step)
@@ -98,7 +102,7 @@ def _train(cfg: TrainConfig, d: dist.DistInfo, progress: Progress) -> dict[str, 
     cache, batches = open_data(cfg, phase, d, start_batch=step * cfg.grad_accum)
     net = wrap(model, phase, d, cfg.compile)
     preview = Previewer(cfg, cache, d)  # loads the preview VAE now: a missing one fails before step 1
-    preview.repair(ema, run_dir, step, stats)
+    preview.repair(ema, run_dir, step, stats, phase_two_boundary(phases))
     log.info("run %s: %d steps in all, starting at step %d in phase %s; %d params, world %d, per-rank batch "
              "%d x %d accum", run_dir, cfg.total_steps, step, phase.name, sum(p.numel() for p in model.parameters()),
              d.world_size, cfg.per_rank_batch(d.world_size) // cfg.grad_accum, cfg.grad_accum)
@@ -109,7 +113,7 @@ def _train(cfg: TrainConfig, d: dist.DistInfo, progress: Progress) -> dict[str, 
         new = phase_at(step, phases)
         if new != phase:  # an explicit event: checkpoint (unless the interval save just did), reopen data, re-wrap
             if saved_at != step:
-                _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d,
+                _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, stopper,
                       reason=f"end of phase {phase.name}")
                 saved_at = step
             log.info("step %d: entering phase %s (teacher %s)", step, new.name, "on" if new.needs_teacher else "off")
@@ -123,16 +127,19 @@ def _train(cfg: TrainConfig, d: dist.DistInfo, progress: Progress) -> dict[str, 
         meter.add(losses, step)
         step += 1
         progress.update(step, phase.name)
+        if (probe := stopper.after_step(step, model, cache, scaler)) is not None:
+            stats.write(probe)  # before this step's checkpoint, which then holds the decision
+            phases = stopper.phases()
         if step % cfg.log_every == 0 or step == cfg.total_steps:
             record = meter.flush(step, phase.name, cfg.global_batch_size)
             stats.write(record)
             progress.log_interval(record)
         if step % cfg.ckpt_every == 0 or step == cfg.total_steps:
-            _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, reason="interval")
+            _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter, d, stopper, reason="interval")
             saved_at = step
         if preview.is_preview_step(step):
             preview.grid(ema, step, run_dir)
-            preview.plot(stats, run_dir)  # redrawn with the previews, not every log line
+            preview.plot(stats, run_dir, phase_two_boundary(phases))  # redrawn with the previews, not every log line
     dist.barrier()
     return {"step": step, "phase": phase.name, "run_dir": str(run_dir)}
 
@@ -149,11 +156,14 @@ def _prepare_run_dir(run_dir: Path, config_json: dict[str, Any], stats: StatsWri
     stats.truncate_after(step)
 
 
-def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo, meter: Meter | None = None) -> int:
+def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo, meter: Meter | None = None,
+             stopper: StopController | None = None) -> int:
     ckpt = checkpoint.load(path, map_location=d.device)
     for key, module in (("model", model), ("ema", ema)):
         checkpoint.check_fits(ckpt[key], module.state_dict(), path, key)
         module.load_state_dict(ckpt[key])
+    if stopper is not None:  # the fired step and probe history (align.stop)
+        stopper.load_state_dict(ckpt.get("train_state", {}).get("stop"))
     opt.load_state_dict(ckpt["opt"])
     if "scaler" in ckpt and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
@@ -173,7 +183,8 @@ def _restore(path: Path, model, ema, opt, scaler, d: dist.DistInfo, meter: Meter
     return int(ckpt["steps"])
 
 
-def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter: Meter, d, reason: str) -> None:
+def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter: Meter, d, stopper: StopController,
+          reason: str) -> None:
     meter.raise_if_nonfinite()  # never write a checkpoint after a NaN: the last good one stays
     log_interval = meter.state_dict()  # all ranks' partial sums (a collective)
     if d.is_main:
@@ -183,9 +194,10 @@ def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter: Mete
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": [torch.cuda.get_rng_state(d.device)] if d.device.type == "cuda" else []},
             "train_state": {"step": step, "phase": phase.name, "data_batches": step * cfg.grad_accum,
-                            "world_size": d.world_size, "log_interval": log_interval},
+                            "world_size": d.world_size, "log_interval": log_interval, "stop": stopper.state_dict()},
         }
         meta = {"config": to_dict(cfg), "step": step, "phase": phase.name, "reason": reason, "git_sha": git_sha(),
+                "stop": stopper.state_dict(),
                 "cache": {"latents": cache.latents.key, "teacher": cache.teacher.key if cache.teacher else None},
                 # what `haste eval` needs to decode samples even when the cache is gone
                 "latents": {"vae": cache.latents.identity["vae"], "scale": cache.latents.spec.scale,

@@ -51,11 +51,12 @@ class Previewer:
                         cfg_scale=self.cfg.sample_cfg, scale=self.spec.scale, bias=self.spec.bias, path=path)
         log.info("step %d: sample grid %s", step, path)
 
-    def plot(self, stats: StatsWriter, run_dir: Path) -> None:
+    def plot(self, stats: StatsWriter, run_dir: Path, phase_two: int | None) -> None:
+        """loss.png with Phase II's first step (tau, or where the trigger fired) dashed."""
         if self.d.is_main:
-            loss_plot(stats.read(), run_dir / "loss.png", self.cfg.align.stop_step)
+            loss_plot(stats.read(), run_dir / "loss.png", phase_two)
 
-    def repair(self, ema: SiT, run_dir: Path, step: int, stats: StatsWriter) -> None:
+    def repair(self, ema: SiT, run_dir: Path, step: int, stats: StatsWriter, phase_two: int | None) -> None:
         """Draw what a kill between a checkpoint and its preview left out: the grid of every kept
         checkpoint at a preview step (from its EMA export, so bitwise the grid the run would have
         drawn) and a loss plot missing or older than stats.jsonl."""
@@ -76,7 +77,7 @@ class Previewer:
         plot = run_dir / "loss.png"
         if stats.path.is_file() and (redrawn or not plot.is_file()
                                      or plot.stat().st_mtime_ns < stats.path.stat().st_mtime_ns):
-            self.plot(stats, run_dir)
+            self.plot(stats, run_dir, phase_two)
 
 
 def fixed_preview_inputs(count: int, num_classes: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
