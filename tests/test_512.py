@@ -11,6 +11,7 @@ import pytest
 from trainutil import single_thread
 
 import trainer.loop
+import trainer.preview
 from pipeline.cache.reader import CacheMismatchError, open_cache
 from trainer.config import load_train_config
 from trainer.loop import train
@@ -51,7 +52,7 @@ def _cfg(cache: Path, run: Path, **changes):
 @pytest.mark.slow
 def test_1024_token_path_trains_across_the_phase_change(cache_512: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trainer.loop, "loss_plot", lambda *a, **k: None)
+    monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)
     cache = open_cache(cache_512)
     ts = cache.teacher.spec
     assert (ts.grid, ts.num_tokens, cache.latents.spec.size) == (32, 1024, 64)

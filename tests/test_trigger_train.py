@@ -28,6 +28,7 @@ from trainutil import (
 )
 
 import trainer.loop
+import trainer.preview
 import trainer.stopper
 from stages.cli import main as cli
 from trainer.loop import train
@@ -45,7 +46,7 @@ def _one_thread():
 
 @pytest.fixture(autouse=True)
 def _no_loss_plot(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trainer.loop, "loss_plot", lambda *a, **k: None)
+    monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)
 
 
 def _same_training(a: Path, b: Path, step: int) -> None:
@@ -105,7 +106,7 @@ def test_fired_trigger_equals_fixed_tau_and_resumes(demo_cache: Path, tmp_path: 
         kill_at(monkeypatch, 4)
         train(trigger_cfg(demo_cache, resumed, FIRES, changes))
     monkeypatch.undo()
-    monkeypatch.setattr(trainer.loop, "loss_plot", lambda *a, **k: None)
+    monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)
     monkeypatch.setattr(trainer.stopper, "run_probe", lambda *a, **k: pytest.fail("probed again after a resume"))
     assert train(trigger_cfg(demo_cache, resumed, FIRES, changes))["step"] == 6
     _same_training(fired, resumed, 6)
