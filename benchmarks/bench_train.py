@@ -274,9 +274,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--loader-samples", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
