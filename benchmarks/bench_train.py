@@ -1,14 +1,22 @@
-"""Training step time with cached targets vs the official online-teacher step, and loader speed.
+"""Training step time and memory with cached targets vs the official online-teacher step, and loader speed.
 
-Same model, same batch, one process. Variants (median seconds per optimizer step; see online_fn):
-  denoise_only   SiT without projector, no taps: the floor
-  phase2         our Phase II step (projector frozen and out of the forward, no taps)
-  phase1_cached  our Phase I step: features + attention logits decoded from cached q/k
-  official       HASTE train.py emulated, every step incl. Phase II: DINOv2-B with explicit
-                 attention and all 12 layers' logits, student logits in every block, projector
-  online_lean    a lean online teacher (4 hooked layers, 4 student taps): the floor of not caching
-Loader: samples/s of the Phase I (latents+teacher) and Phase II (latents) streams vs a raw read
-of the same shard bytes. Targets: phase1_cached <= 0.85x official, phase2 <= 1.02x denoise_only.
+Same model, same batch, one process; every variant updates its EMA, as both trainers do every step.
+Variants (median seconds per optimizer step, interleaved):
+  denoise_only     SiT without projector, no taps: the floor
+  phase2           our Phase II step (projector frozen and out of the forward, no taps, no teacher)
+  phase1_cached    our Phase I step: features + attention logits decoded from the cache (default codec)
+  official_phase1  HASTE train.py's Phase I step, re-enacted op for op (benchmarks/official_emulation.py):
+                   DINOv2-B with explicit attention keeping all 12 layers' logits, the student's q·kᵀ in
+                   every block with fused SDPA outputs, logits of blocks 0..7 and the projector returned
+                   and converted to fp32, loss.py's losses, clipping, AdamW, per-parameter EMA
+  official_phase2  the same with loss.py's denoise_only (teacher and return_act forward still run)
+  online_lean      a lean online teacher (4 hooked layers, fused attention, 4 student taps): the floor
+                   of not caching
+Memory per variant: resident state (weights, EMA, optimizer state, teacher, codec arrays) plus the step's
+peak tensor allocations (CUDA: allocator peak; CPU: profiler allocation events). Also the default
+codec's decode of one batch against the teacher forwards it replaces. Loader: samples/s of the
+Phase I (latents+teacher) and Phase II (latents) streams vs a raw read of the same shard bytes.
+Targets: phase1_cached <= 0.85x official_phase1, phase2 <= 1.02x denoise_only.
 
     python benchmarks/bench_train.py [--device cuda --model SiT-XL/2 --batch 32]
 """
@@ -17,20 +25,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, interleaved_medians, sync, write  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    interleaved_medians,
+    step_peak_bytes,
+    sync,
+    tensor_bytes,
+    write,
+)
+from benchmarks.official_emulation import explicit_teacher_attention, official_step_fn  # noqa: E402
 from pipeline.cache.loader import CacheStream  # noqa: E402
 from pipeline.cache.reader import open_cache  # noqa: E402
+from pipeline.cache.schema import get_codec  # noqa: E402
 from pipeline.dist import DistInfo  # noqa: E402
-from pipeline.encoders.teacher import load_teacher  # noqa: E402
+from pipeline.encoders.teacher import load_teacher, preprocess  # noqa: E402
 from pipeline.inputs.synth import synth_image  # noqa: E402
 from stages.preprocess import PreprocessConfig, run  # noqa: E402
 from trainer.config import load_train_config  # noqa: E402
@@ -39,13 +59,18 @@ from trainer.engine import (  # noqa: E402
     build_model,
     build_optimizer,
     prepare_inputs,
+    set_phase_trainable,
     setup_numerics,
     train_step,
+    update_ema,
     wrap,
 )
 from trainer.models.sit import SIT_PRESETS  # noqa: E402
 from trainer.objectives import attention_alignment_loss, repa_loss  # noqa: E402
 from trainer.phases import Phase, build_phases  # noqa: E402
+
+MIB = 2**20
+EMULATION = ("HASTE train.py per phase, op for op (benchmarks/official_emulation.py); EMA in every variant")
 
 
 def build_cache(root: Path, n: int, args) -> Path:
@@ -61,7 +86,31 @@ def overrides(args) -> tuple[str, ...]:
     return (f"model.preset={args.model}", f"align.student_heads={heads}", f"align.teacher_heads={heads}")
 
 
-def trainer(args, cache_root: Path, z_dim: int = 768):
+@dataclass
+class Trainer:
+    """One model with its EMA, optimizer and scaler; variants of the same architecture may share one."""
+
+    cfg: object
+    d: DistInfo
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+    def state_bytes(self) -> int:
+        """Weights, EMA and optimizer state: what stays allocated between steps."""
+        tensors = [*self.model.parameters(), *self.model.buffers(), *self.ema.parameters(), *self.ema.buffers()]
+        tensors += [v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        return tensor_bytes(tensors)
+
+
+@dataclass
+class Variant:
+    step: Callable[[], None]
+    state_bytes: Callable[[], int]
+
+
+def trainer(args, cache_root: Path, z_dim: int = 768) -> Trainer:
     over = (*overrides(args), f"model.z_dim={z_dim}", f"global_batch_size={args.batch}",
             f"precision={args.precision}", f"device={args.device}", f"data.cache={cache_root}", "data.num_workers=0")
     if z_dim == 0:  # a plain SiT: no projector, so no feature loss either
@@ -69,41 +118,62 @@ def trainer(args, cache_root: Path, z_dim: int = 768):
     cfg = load_train_config(None, over)
     setup_numerics(cfg)
     d = DistInfo(device=torch.device(args.device))
-    model, _ = build_model(cfg, d.device)
-    opt = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=False)
-    return cfg, d, model, opt, scaler
+    model, ema = build_model(cfg, d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")  # as trainer.loop
+    return Trainer(cfg, d, model, ema, build_optimizer(cfg, model), scaler)
+
+
+def our_variant(args, tr: Trainer, cache, batch, phase: Phase) -> Variant:
+    """Our step as trainer.loop runs it: train_step, then the EMA update."""
+    net = wrap(tr.model, phase, tr.d, args.compile)
+    spec = cache.teacher.spec if phase.needs_attention else None
+    codec_bytes = 0
+    if spec is not None:  # the codec's group arrays (tokens-*: the q/k projections), kept on the device
+        codec_bytes = sum(torch.empty((), dtype=getattr(torch, dt)).element_size() * int(torch.Size(shape).numel())
+                          for dt, shape in get_codec(spec.codec).params(spec).values())
+
+    def step() -> None:
+        set_phase_trainable(tr.model, phase)  # a no-op unless the other phase's variant shares the model
+        train_step(net, tr.model, tr.opt, tr.scaler, tr.cfg, phase, cache, [batch], 0, tr.d)
+        update_ema(tr.ema, tr.model, tr.cfg.ema_decay)
+
+    return Variant(step, lambda: tr.state_bytes() + codec_bytes)
 
 
 def step_fn(args, cache, batch, phase: Phase, z_dim: int):
-    cfg, d, model, opt, scaler = trainer(args, cache.root, z_dim)
-    net = wrap(model, phase, d, args.compile)
-    return lambda: train_step(net, model, opt, scaler, cfg, phase, cache, [batch], 0, d)
+    """Our step on a fresh model (bench_codecs times it against the loader)."""
+    return our_variant(args, trainer(args, cache.root, z_dim), cache, batch, phase).step
 
 
-def online_fn(args, cache, batch, images, faithful: bool):
-    """An online-teacher step on the same model and batch.
+def official_variants(args, tr: Trainer, cache, batch, images) -> tuple[dict[str, Variant], Callable]:
+    """HASTE's Phase I and II steps (shared model) and its teacher forward (for the decode comparison)."""
+    teacher, _ = load_teacher("random:base", layers=(), resolution=256, device=tr.d.device, capture=())
+    acts = explicit_teacher_attention(teacher.model)
+    teacher_bytes = tensor_bytes([*teacher.model.parameters(), *teacher.model.buffers()])
+    variants = {f"official_phase{p}": Variant(
+        official_step_fn(tr.cfg, tr.model, tr.ema, tr.opt, teacher, acts, batch, images, cache.latents.spec,
+                         tr.d.device, phase1=p == 1),
+        lambda: tr.state_bytes() + teacher_bytes) for p in (1, 2)}
 
-    faithful=True emulates HASTE train.py as SPEC §2.4/§7 describes it, which is what runs in
-    both of its phases: DINOv2 with explicit (unfused) attention materialising the logits of
-    all 12 layers, the student computing q·kᵀ in every block and returning blocks
-    0..feature_block, the projector, and Accelerate's fp32 copies of the returned logits.
-    faithful=False is a lean online teacher: fused attention, hooks on the 4 aligned layers
-    only, student taps on the aligned blocks only (the cost floor of not caching).
-    """
-    cfg, d, model, opt, scaler = trainer(args, cache.root)
+    def teacher_forward() -> None:
+        with torch.no_grad(), autocast(tr.cfg, tr.d.device):
+            teacher.model.forward_features(preprocess(images, teacher.input_size))
+        acts.clear()
+
+    return variants, teacher_forward
+
+
+def lean_variant(args, tr: Trainer, cache, batch, images) -> tuple[Variant, Callable]:
+    """An online teacher as cheap as it gets: fused attention, hooks on the aligned layers only,
+    student taps on the aligned blocks only; our losses and EMA."""
+    cfg, d, model = tr.cfg, tr.d, tr.model
     a = cfg.align
-    layers = tuple(range(12)) if faithful else a.teacher_layers
-    teacher, _ = load_teacher("random:base", layers=layers, resolution=256, device=d.device)
-    if faithful:
-        for blk in teacher.model.blocks:
-            blk.attn.fused_attn = False
-    taps = tuple(range(cfg.model.depth)) if faithful else a.student_blocks
-    pick = [layers.index(layer) for layer in a.teacher_layers]
-    prec = "bf16" if args.precision != "fp32" else "fp32"
-    lat = {k: v for k, v in batch.items() if k not in ("q", "k", "feat")}
+    teacher, _ = load_teacher("random:base", layers=a.teacher_layers, resolution=256, device=d.device)
+    prec = "fp32" if args.precision == "fp32" else "bf16"
+    lat = {k: v for k, v in batch.items() if k in ("moments", "label")}
+    teacher_bytes = tensor_bytes([*teacher.model.parameters(), *teacher.model.buffers()])
 
-    def step():
+    def step() -> None:
         with torch.no_grad():
             t = teacher(images, prec)
             with autocast(cfg, d.device):
@@ -112,17 +182,25 @@ def online_fn(args, cache, batch, images, faithful: bool):
         inp = prepare_inputs(lat, model, cfg, Phase(name="x", start=0, end=None), cache, d.device, g)
         tt = torch.rand(inp.x0.shape[0], device=d.device)
         with autocast(cfg, d.device):
-            out = model(inp.x0, tt, inp.y, attn_blocks=taps, feature_block=a.feature_block)
-        student = {b: (out.attn_logits[b].float() if faithful else out.attn_logits[b]) for b in taps}
+            out = model(inp.x0, tt, inp.y, attn_blocks=a.student_blocks, feature_block=a.feature_block)
         loss = ((out.out.float() - inp.x0) ** 2).mean() + 0.5 * repa_loss(out.features.float(), t.feat) + \
-            0.5 * attention_alignment_loss([student[b] for b in a.student_blocks], [logits[:, i] for i in pick],
+            0.5 * attention_alignment_loss([out.attn_logits[b] for b in a.student_blocks], list(logits.unbind(1)),
                                            a.student_heads, a.teacher_heads)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        tr.opt.step()
+        tr.opt.zero_grad(set_to_none=True)
+        update_ema(tr.ema, model, cfg.ema_decay)
 
-    return step
+    return Variant(step, lambda: tr.state_bytes() + teacher_bytes), lambda: teacher(images, prec)
+
+
+def decode_fn(cache, batch, cfg, device: torch.device) -> Callable[[], None]:
+    """The default codec's decode of one batch's aligned layers: what Phase I runs instead of a teacher."""
+    ts = cache.teacher.spec
+    idx = [ts.layers.index(layer) for layer in cfg.align.teacher_layers]
+    arrays = {k: batch[k].to(device)[:, idx] for k in get_codec(ts.codec).members(ts)}
+    return lambda: cache.teacher_logits(arrays, idx)
 
 
 def loader_speed(cache_root: Path, batch: int, samples: int) -> dict:
@@ -147,19 +225,63 @@ def loader_speed(cache_root: Path, batch: int, samples: int) -> dict:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def build_variants(args, root: Path, cache, batch, images) -> tuple[dict[str, Variant], dict[str, Callable]]:
+    """The six step variants, sharing a model where that changes no step's work (memory: SiT-XL x6
+    would not fit an 80 GB GPU); under --compile each of our phases gets its own model."""
+    phases = build_phases(load_train_config(None, overrides(args)).align)
+    plain, ours, official = trainer(args, root, z_dim=0), trainer(args, root), trainer(args, root)
+    ours2 = trainer(args, root) if args.compile else ours
+    off, teacher_forward = official_variants(args, official, cache, batch, images)
+    lean, lean_teacher = lean_variant(args, official, cache, batch, images)
+    variants = {
+        "denoise_only": our_variant(args, plain, open_cache(root, need_teacher=False), batch, phases[1]),
+        "phase2": our_variant(args, ours2, open_cache(root, need_teacher=False), batch, phases[1]),
+        "phase1_cached": our_variant(args, ours, cache, batch, phases[0]),
+        **off,
+        "online_lean": lean,
+    }
+    parts = {"decode_default_codec": decode_fn(cache, batch, ours.cfg, torch.device(args.device)),
+             "teacher_lean": lean_teacher, "teacher_official": teacher_forward}
+    return variants, parts
+
+
+def summarise(secs: dict[str, float], memory: dict[str, dict[str, float]], parts: dict[str, float]) -> dict:
+    r = lambda a, b: round(a / b, 3)  # noqa: E731
+    return {
+        "seconds_per_step": {k: round(v, 4) for k, v in secs.items()},
+        "ratios": {"phase1_cached_over_official_phase1": r(secs["phase1_cached"], secs["official_phase1"]),
+                   "phase2_over_official_phase2": r(secs["phase2"], secs["official_phase2"]),
+                   "phase2_over_denoise_only": r(secs["phase2"], secs["denoise_only"]),
+                   "phase1_cached_over_online_lean": r(secs["phase1_cached"], secs["online_lean"]),
+                   "official_phase2_over_official_phase1": r(secs["official_phase2"], secs["official_phase1"])},
+        "memory_mib": memory,
+        "memory_ratios": {f"{k}_phase1_cached_over_official_phase1":
+                          r(memory["phase1_cached"][k], memory["official_phase1"][k]) for k in ("peak", "step_peak")},
+        "decode_vs_teacher_s": {**{k: round(v, 4) for k, v in parts.items()},
+                                "decode_over_teacher_lean": r(parts["decode_default_codec"], parts["teacher_lean"]),
+                                "decode_over_teacher_official": r(parts["decode_default_codec"],
+                                                                  parts["teacher_official"])},
+        "targets": {"phase1_cached_over_official_phase1": 0.85, "phase2_over_denoise_only": 1.02},
+    }
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="SiT-B/2")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=7)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--loader-samples", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         root = build_cache(Path(tmp) / "cache", args.batch * 4, args)
         cache = open_cache(root)
@@ -168,29 +290,23 @@ def main() -> None:
             batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
         images = torch.stack([torch.from_numpy(synth_image(i, 8, 256)[0]) for i in range(args.batch)])
         images = images.permute(0, 3, 1, 2).contiguous().to(device)
-        phases = build_phases(load_train_config(None, overrides(args)).align)
-        fns = {
-            "denoise_only": step_fn(args, open_cache(root, need_teacher=False), batch, phases[1], z_dim=0),
-            "phase2": step_fn(args, open_cache(root, need_teacher=False), batch, phases[1], z_dim=768),
-            "phase1_cached": step_fn(args, cache, batch, phases[0], z_dim=768),
-            "official": online_fn(args, cache, batch, images, faithful=True),
-            "online_lean": online_fn(args, cache, batch, images, faithful=False),
-        }
-        secs = interleaved_medians(fns, reps=args.reps, warmup=2, device=device)
+        variants, part_fns = build_variants(args, root, cache, batch, images)
+        secs = interleaved_medians({k: v.step for k, v in variants.items()}, reps=args.reps, warmup=2, device=device)
+        memory = {}
+        for name, v in variants.items():  # after timing: optimizer state exists, so it is counted
+            step_peak, state = step_peak_bytes(v.step, device), v.state_bytes()
+            memory[name] = {"resident": round(state / MIB, 1), "step_peak": round(step_peak / MIB, 1),
+                            "peak": round((state + step_peak) / MIB, 1)}
+        parts = interleaved_medians(part_fns, reps=args.reps, warmup=1, device=device)
         sync(device)
         loader = loader_speed(root, args.batch, args.loader_samples)
-    result = {
-        "benchmark": "train_step", "env": environment(device), "model": args.model, "batch": args.batch,
-        "precision": args.precision, "compile": args.compile, "seconds_per_step": {k: round(v, 4) for k, v in secs.items()},
-        "ratios": {"phase1_cached_over_official": round(secs["phase1_cached"] / secs["official"], 3),
-                   "phase1_cached_over_online_lean": round(secs["phase1_cached"] / secs["online_lean"], 3),
-                   "phase2_over_denoise_only": round(secs["phase2"] / secs["denoise_only"], 3),
-                   "phase2_over_official": round(secs["phase2"] / secs["official"], 3)},
-        "targets": {"phase1_cached_over_official": 0.85, "phase2_over_denoise_only": 1.02},
-        "loader": loader,
-    }
+    result = {"benchmark": "train_step", "env": {**environment(device), "load_avg_at_start": load_at_start},
+              "model": args.model, "batch": args.batch,
+              "precision": args.precision, "compile": args.compile, "official_emulation": EMULATION,
+              **summarise(secs, memory, parts), "loader": loader}
     path = write(f"train-{device.type}-{args.model.replace('/', '_')}", result, args.out)
-    print(f"{result['seconds_per_step']} {result['ratios']} loader {loader} -> {path}")
+    print(f"{result['seconds_per_step']}\n{result['ratios']}\nmemory MiB {memory}\n"
+          f"{result['memory_ratios']}\n{result['decode_vs_teacher_s']}\nloader {loader} -> {path}")
 
 
 if __name__ == "__main__":

@@ -163,6 +163,33 @@ def test_fixed_basis_is_orthogonal_stable_and_spreads_outlier_channels():
     assert rms(_decode("tokens-int8", x, p, spec)[0].numpy()) < rms(raw[0].double().numpy()) / 2.5
 
 
+@pytest.mark.parametrize("prec", ["int8", "fp16"])
+def test_batched_decode_is_per_sample_and_layer_exact(prec):
+    """The decode's batched layout (tokens regrouped by layer, one GEMM over all samples' tokens)
+    gives, for every (sample, layer), scale · q k̃ᵀ of exactly that sample's stored tokens: float64
+    reference, row-centred, to fp32 rounding. Samples and layers differ, so a mix-up shows."""
+    spec = TeacherSpec(**{**SPEC.__dict__, "codec": f"tokens-{prec}"})
+    codec = get_codec(spec.codec)
+    xs, p = zip(*(_tokens(seed) for seed in (7, 8, 9)))
+    p = {n: torch.from_numpy(a) for n, a in codec.store_params(p[0]).items()}
+    stored = torch.from_numpy(np.stack([codec.encode(x, spec.scale)["x"] for x in xs]))  # (3, L, T, D[+2])
+    dec = codec.decode({"x": stored}, spec.scale, p).double()                           # (3, L, H, T, T)
+    if prec == "int8":
+        vals, scales = unpack_int8_np(stored.numpy())
+        x = torch.from_numpy(vals.astype(np.float64) * scales)
+    else:
+        x = stored.double()
+    w, b = p["qk_weight"].double(), p["qk_bias"].double()
+    for n in range(3):
+        for layer in range(2):
+            q = torch.einsum("tc,hdc->htd", x[n, layer], w[layer, 0]) + b[layer, 0][:, None]
+            k = torch.einsum("tc,hdc->htd", x[n, layer], w[layer, 1]) + b[layer, 1][:, None]
+            ref = spec.scale * q @ k.transpose(-1, -2)
+            torch.testing.assert_close(row_centred(dec[n, layer]), row_centred(ref), rtol=0,
+                                       atol=1e-5 * float(ref.abs().max()))
+    assert dec.shape == (3, 2, 3, 16, 16) and not torch.allclose(dec[0], dec[1])
+
+
 # ----------------------------------------------------------------------------------------------
 # the teacher: captured tokens and projections reproduce its q, k
 

@@ -247,25 +247,60 @@ def test_logits_carry_gradient():
 
 
 def test_unrequested_logits_are_never_computed(monkeypatch):
-    calls = {"explicit": 0, "sdpa": 0}
-    explicit, sdpa = model_mod.explicit_attention, F.scaled_dot_product_attention
+    calls = {"logits": 0, "sdpa": 0}
+    logits_fn, sdpa = model_mod.attention_logits, F.scaled_dot_product_attention
 
-    def counting_explicit(*args, **kwargs):
-        calls["explicit"] += 1
-        return explicit(*args, **kwargs)
+    def counting_logits(*args, **kwargs):
+        calls["logits"] += 1
+        return logits_fn(*args, **kwargs)
 
     def counting_sdpa(*args, **kwargs):
         calls["sdpa"] += 1
         return sdpa(*args, **kwargs)
 
-    monkeypatch.setattr(model_mod, "explicit_attention", counting_explicit)
+    monkeypatch.setattr(model_mod, "attention_logits", counting_logits)
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
     model = tiny()
     x, t, y = inputs(model.cfg)
     res = model(x, t, y, feature_block=2)
-    assert res.attn_logits == {} and calls == {"explicit": 0, "sdpa": 4}
-    res = model(x, t, y, attn_blocks=[2])
-    assert list(res.attn_logits) == [2] and calls == {"explicit": 1, "sdpa": 7}
+    assert res.attn_logits == {} and calls == {"logits": 0, "sdpa": 4}
+    res = model(x, t, y, attn_blocks=[2])  # the tapped block's output is fused SDPA too
+    assert list(res.attn_logits) == [2] and calls == {"logits": 1, "sdpa": 8}
+
+
+def test_tapped_blocks_keep_no_attention_probabilities_and_match_explicit_gradients():
+    """Aligned blocks: output from fused SDPA, logits from their own product (the official
+    fused_attn=True path). Backward keeps nothing (T, T) but the logits' own graph, and the
+    gradients of a loss on both the output and the logits equal an explicit softmax's."""
+    model = perturb_(tiny(input_size=12))  # T = 36 tokens, head_dim 16: a (T, T) shape is unambiguous
+    x, t, y = inputs(model.cfg)
+    T = model.cfg.num_tokens
+    saved: list[tuple[int, ...]] = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x, t, y, attn_blocks=[1, 3])
+    # An explicit softmax saved its (N, H, T, T) probabilities (and a copy); only q·kᵀ's operands remain.
+    assert saved and not [s for s in saved if s[-2:] == (T, T)]
+
+    model = model.double()  # gradients against the explicit reference, in float64
+    x, t = x.double(), t.double()
+    res = model(x, t, y, attn_blocks=[1, 3])
+    loss = res.out.square().mean() + sum(lg.log_softmax(-1)[..., 0].mean() for lg in res.attn_logits.values())
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+
+    ref_out, ref_logits, _ = ref_forward(model, x, t, y)  # explicit softmax((q k^T)/sqrt(hd)) v per block
+    ref_loss = ref_out.square().mean() + sum(ref_logits[b].log_softmax(-1)[..., 0].mean() for b in (1, 3))
+    ref = torch.autograd.grad(ref_loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    for g, r in zip(grads, ref):
+        if r is None:
+            assert g is None or not g.abs().any()
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-8)
 
 
 def test_features_are_projected_output_of_feature_block():

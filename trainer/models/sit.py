@@ -7,8 +7,8 @@ The config base, embedders, sin-cos table, projector, final layer and checks als
 
 Follows HASTE/REPA `models/sit.py` (SPEC §1). State-dict keys are identical to the official
 checkpoints (SPEC §1.8). Deliberate differences (SPEC §7):
-- attention logits are materialised only for the blocks asked for; every other block uses fused
-  SDPA (the official code computes q·kᵀ in every block on every call, sampling included);
+- attention logits are computed only for the blocks asked for, and every block's output comes from
+  fused SDPA (the official code computes q·kᵀ in every block on every call, sampling included);
 - label dropout is an explicit `drop_labels(y, generator)` call, not a side effect of `forward`
   in train mode driven by the global RNG;
 - the SiT-S presets work (the official ones build the final layer 768 wide and crash);
@@ -149,15 +149,16 @@ def _gelu_tanh() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """softmax((q·scale) kᵀ) v on (N, H, T, hd) inputs; also returns the logits (N, H, T, T).
+def attention_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """Pre-softmax logits (q·scale) kᵀ (N, H, T, T) of (N, H, T, hd) inputs, q scaled first.
 
-    q is scaled before the product, in HASTE's order (sit.py L50), so the loss sees the same
-    numbers as the official model. Softmax runs in fp32 as SDPA's math path does.
+    HASTE's order (sit.py L50), so the loss sees the same numbers as the official model. Only the
+    loss reads them: the block's output always comes from fused SDPA, as with the official
+    fused_attn=True, which keeps no (T, T) probabilities for backward (an explicit softmax kept
+    fp32 probabilities plus a compute-dtype copy: 18 MiB per aligned block at SiT-B/2, batch 4).
+    The price is q·kᵀ twice in the aligned blocks (<1% of a step's FLOPs).
     """
-    logits = (q * scale) @ k.transpose(-2, -1)  # (N, H, T, T)
-    attn = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
-    return attn @ v, logits
+    return (q * scale) @ k.transpose(-2, -1)
 
 
 # ----------------------------------------------------------------------------
@@ -218,7 +219,7 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention that materialises the (T, T) logits only when asked; otherwise fused SDPA.
+    """Fused-SDPA self-attention that also returns the (T, T) logits when asked (and only then).
 
     HASTE's version computes q·kᵀ in every block on every call (SPEC §7.6).
     """
@@ -239,11 +240,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # 3 × (N, H, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)
-        logits = None
-        if return_logits:
-            out, logits = explicit_attention(q, k, v, self.scale)  # (N, H, T, hd), (N, H, T, T)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (N, H, T, hd)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (N, H, T, hd)
+        logits = attention_logits(q, k, self.scale) if return_logits else None  # (N, H, T, T)
         out = out.transpose(1, 2).reshape(N, T, D)  # (N, T, D)
         return self.proj(out), logits
 
