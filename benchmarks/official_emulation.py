@@ -35,7 +35,7 @@ from pipeline.encoders.teacher import preprocess
 from pipeline.encoders.vae import sample_latents
 from trainer.config import TrainConfig
 from trainer.engine import autocast
-from trainer.models.sit import SiT, modulate
+from trainer.models.sit import SiT, modulate, unpatchify
 
 
 def explicit_teacher_attention(vit: torch.nn.Module) -> list[Tensor]:
@@ -82,7 +82,7 @@ def official_sit_forward(model: SiT, x: Tensor, t: Tensor, y: Tensor, encoder_de
             acts.append(logits)
             if i == encoder_depth - 1:
                 zs = [model.projectors[0](h.reshape(-1, D)).reshape(N, T, -1)]
-    return model.unpatchify(model.final_layer(h, c)), acts, zs
+    return unpatchify(model.final_layer(h, c), model.cfg.patch_size, model.cfg.in_channels), acts, zs
 
 
 def official_losses(out: Tensor, target: Tensor, acts: list[Tensor], zs: list[Tensor], teacher_acts: list[Tensor],
