@@ -188,7 +188,7 @@ def check_pngs(feats: UViTFeatures) -> None:
             f"the PNGs in {feats.root} are clipped: {result['zero_fraction']:.0%} of the channel values of "
             f"{result['pngs_checked']} sampled PNGs are 0 (natural images: a few %). HASTE's "
             "extract_mscoco_feature.py saves the [-1, 1] images with save_image without rescaling, which turns "
-            "everything darker than mid-grey black (SPEC §7.16). Compute the teacher from the COCO originals: "
+            "everything darker than mid-grey black. Compute the teacher from the COCO originals: "
             "--images <coco>/train2014 (or val2014), or import without a teacher: --set teacher=none")
 
 
