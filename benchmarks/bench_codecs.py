@@ -64,7 +64,10 @@ FEAT_CODECS = (("plain", "float32"), ("plain", "float16"), ("int8", "float16"))
 # Variants measured for the record, not candidates: (codec, the registered name with the same bytes, or None).
 ABLATIONS = {"tokens-int8 without the fixed basis": (tokens_codec("int8", fixed_basis=False), "tokens-int8"),
              "stream-int8 without the fixed basis": (stream_codec("int8", fixed_basis=False), "stream-int8"),
-             "stream-int6 (packs, not registered)": (stream_codec("int6"), None)}
+             "stream-int6 (packs, not registered)": (stream_codec("int6"), None),
+             # the CUDA decode (DECODE_COMPUTE): blocks under fp16 autocast; bf16 for contrast
+             "stream-int10 computed in fp16 (CUDA)": (stream_codec("int10", compute="fp16"), "stream-int10"),
+             "stream-int10 computed in bf16": (stream_codec("int10", compute="bf16"), "stream-int10")}
 SHARPNESS = fidelity.SHARPNESS
 XL2_OVER_B2_FLOPS = 118.64 / 23.01  # SiT/DiT forward Gflops, XL/2 over B/2 (SPEC §9; DiT Table 4)
 XL2_STEP_GFLOP = 2 * 355.0          # SiT-XL/2 forward + backward per sample, SPEC §9 (355 GMAC)

@@ -20,7 +20,7 @@ from pipeline.cache import fidelity
 from pipeline.cache.codecs import decode_targets, get_codec, pack_bits_torch, row_centred, unpack_bits
 from pipeline.cache.codecs_base import quantize_rows_torch
 from pipeline.cache.codecs_blocks import block_shapes, run_blocks
-from pipeline.cache.codecs_stream import INT_BITS, decode_gflop, decode_stream, stream_codec
+from pipeline.cache.codecs_stream import DECODE_COMPUTE, INT_BITS, decode_gflop, decode_stream, stream_codec
 from pipeline.cache.codecs_tokens import basis
 from pipeline.cache.schema import (
     TEACHER,
@@ -177,6 +177,25 @@ def test_fp32_decode_is_the_exact_block_math_in_any_layer_order():
     torch.testing.assert_close(l2, logits[:, [1, 0, 1]])
 
 
+def test_decode_precision_follows_the_device_and_fp16_stays_within_the_bar():
+    """CPUs decode in float32 (the default is bitwise the fp32 run); CUDA runs the blocks under fp16
+    autocast, checked here on the CPU's fp16 kernels against the float64 blocks."""
+    stream, arrays = _stream(seed=4, n=3), _blocks(seed=4)
+    spec = TeacherSpec(**{**SPEC.__dict__, "codec": "stream-int10"})
+    rows = _encode("stream-int10", stream)
+    params = _torch(get_codec("stream-int10").store_params(arrays))
+    assert DECODE_COMPUTE == {"cuda": "fp16", "cpu": "fp32"}
+    f_default, l_default = decode_stream(rows, "int10", spec, params)
+    f32, l32 = decode_stream(rows, "int10", spec, params, compute="fp32")
+    assert torch.equal(f_default, f32) and torch.equal(l_default, l32)
+    f16, l16 = decode_stream(rows, "int10", spec, params, compute="fp16")
+    assert f16.dtype == l16.dtype == torch.float32 and not torch.equal(l16, l32)  # really computed in fp16
+    ref_feat, ref_logits = _exact(stream, arrays)
+    for feat, logits in ((f32, l32), (f16, l16)):
+        m = fidelity.measure(ref_logits.float(), logits, ref_feat.float(), feat)
+        assert m["worst"]["grad_cos_min"] > 0.999 and m["worst"]["feat_cos_err_mean"] < 1e-3
+
+
 def test_known_answer_identity_blocks_and_int8_grid_stream():
     """LayerScale 0 makes every block the identity on the residual stream, and a stream whose rows in
     the stored basis are integers · a power of two survives int8 exactly up to a per-token factor
@@ -280,8 +299,8 @@ def test_blocks_that_are_not_dinov2_are_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_decode_under_tf32_matches_the_cpu_decode():
-    """The trainer decodes on the GPU with TF32 matmuls on (train.tf32 default): the targets must stay
-    well within the bar of the CPU float32 decode (a tenth of its budget; not yet run on a GPU here)."""
+    """The trainer decodes on the GPU (fp16 autocast, DECODE_COMPUTE; TF32 for what stays fp32): the
+    targets must stay well within the bar of the CPU float32 decode (not yet run on a GPU here)."""
     stream, arrays = _stream(seed=8, n=4), _blocks(seed=8)
     spec = TeacherSpec(**{**SPEC.__dict__, "codec": "stream-int10"})
     rows = _encode("stream-int10", stream)

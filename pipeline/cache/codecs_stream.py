@@ -23,7 +23,8 @@ random blocks with LayerScale 1 sharpened ×1/×5/×20 *inside* every block; ``h
 --fidelity`` on the real teacher).
 
 Decode cost per image: ``decode_gflop`` (DINOv2-B, blocks 8-11, 256 px: 16.9 GFLOP, a third of a
-teacher forward), run in float32 (TF32 where the trainer enables it), never under autocast.
+teacher forward), run under fp16 autocast on CUDA and in float32 on CPUs (``DECODE_COMPUTE``), never
+under the trainer's own autocast.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ BASIS = "basis"
 INT_BITS = {"int6": 6, "int8": 8, "int10": 10, "int12": 12}
 # the registered names; int6 packs too but fails the fidelity bar (``stream_codec("int6")``: bench_codecs only)
 STREAM_PRECISIONS = ("fp16", "fp32", "int8", "int10", "int12")
+# Precision the stored blocks run in, by device. fp16 autocast (the official teacher's own precision)
+# keeps every fidelity bar (bench_codecs' "computed in fp16" rows) and is as fast as bf16 on GPUs;
+# bf16 does not keep them (stress ×20: 0.995); CPUs run fp16 matmuls ~4× slower than fp32, so fp32 there.
+DECODE_COMPUTE = {"cuda": "fp16", "cpu": "fp32"}
 
 
 def stream_width(dim: int, prec: str) -> int:
@@ -98,8 +103,9 @@ def load_stream(stored: torch.Tensor, prec: str, params: Mapping[str, torch.Tens
 
 
 @lru_cache(maxsize=None)
-def stream_codec(prec: str, fixed_basis: bool = True) -> AttnCodec:
-    """``stream-<prec>``; ``fixed_basis=False`` stores int rows unrotated (bench_codecs' ablation only)."""
+def stream_codec(prec: str, fixed_basis: bool = True, compute: str | None = None) -> AttnCodec:
+    """``stream-<prec>``; ``fixed_basis=False`` stores int rows unrotated and ``compute`` forces the decode
+    precision (bench_codecs' ablations only)."""
     name = f"{STREAM}-{prec}"
     rotated = prec in INT_BITS and fixed_basis
 
@@ -138,7 +144,7 @@ def stream_codec(prec: str, fixed_basis: bool = True) -> AttnCodec:
     def targets(arrays: Mapping[str, torch.Tensor], spec: Any, params: Mapping[str, torch.Tensor] | None,
                 layer_index: Sequence[int] | None, features: bool, attention: bool):
         return decode_stream(arrays[STREAM], prec, spec, params, layer_index, features=features, attention=attention,
-                             rotated=rotated)
+                             rotated=rotated, compute=compute)
 
     def decode(arrays: Mapping[str, torch.Tensor], scale: float, params: Any = None) -> torch.Tensor:
         raise CacheFormatError(f"attention codec {name!r} decodes with the teacher spec and group weights: use "
@@ -154,7 +160,7 @@ def stream_codec(prec: str, fixed_basis: bool = True) -> AttnCodec:
 
 def decode_stream(stored: torch.Tensor, prec: str, spec: Any, params: Mapping[str, torch.Tensor] | None,
                   layer_index: Sequence[int] | None = None, *, features: bool = True, attention: bool = True,
-                  rotated: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                  rotated: bool = True, compute: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Stored streams (N, S, width) -> features (N, T, D) and logits (N, L', H, T, T) of the layers at
     positions ``layer_index`` of ``spec.layers`` (all when None, in that order), float32, on the
     stream's device; None for what was not asked for."""
@@ -168,11 +174,15 @@ def decode_stream(stored: torch.Tensor, prec: str, spec: Any, params: Mapping[st
     at = [spec.layers[i] - first_block(spec) for i in index] if attention else []
     device = stored.device
     p = {n: t.to(device=device, dtype=torch.float32) for n, t in params.items()}
-    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+    # compute (default: DECODE_COMPUTE of the device) "fp16"/"bf16": autocast semantics (matmuls in half
+    # precision; residual stream, norms and softmax in fp32), as the official teacher runs under fp16 autocast
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute or DECODE_COMPUTE.get(device.type, "fp32"))
+    with torch.no_grad(), torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
         out = run_blocks(load_stream(stored, prec, p), p, num_heads=spec.num_heads, scale=spec.scale,
                          prefix=spec.num_prefix_tokens, logits_at=at, features=features)
     logits = None
     if at:
         order = sorted(set(at))  # run_blocks returns each block once, ascending; restore the asked order
         logits = out.logits if at == order else out.logits[:, [order.index(a) for a in at]]
-    return out.feat, logits
+        logits = logits.float()  # fp16 under the CUDA decode: the loss math is fp32
+    return (out.feat.float() if out.feat is not None else None), logits
