@@ -384,3 +384,15 @@ def test_cache_fixture_has_several_captions(caption_cache: Path) -> None:
     """Guards the tests above: some images have more than one caption, so the pick matters."""
     counts = [len(c) for c, _ in cached_captions(caption_cache).values()]
     assert max(counts) >= 2 and min(counts) >= 1 and len(counts) == 48
+
+
+def test_coco_recipe_is_the_papers() -> None:
+    """configs/coco-haste-mmdit.yaml: MMDiT-24/2, batch 256, tau 200K of 250K, AdamW 1e-4, EMA 0.9999, ATTA on."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_train_config(root / "configs" / "coco-haste-mmdit.yaml")
+    m, a = cfg.model, cfg.align
+    assert isinstance(m, MMDiTConfig) and (m.depth, m.hidden_size, m.num_heads, m.patch_size) == (24, 768, 24, 2)
+    assert (m.context_len, m.context_dim, m.z_dim, m.caption_dropout_prob) == (77, 768, 768, 0.1)
+    assert (cfg.global_batch_size, cfg.total_steps, a.stop.step, cfg.lr, cfg.ema_decay) == (256, 250_000, 200_000,
+                                                                                         1e-4, 0.9999)
+    assert a.attn_weight == 0.5 and a.student_heads == tuple(range(12)) and a.feature_block == 7
