@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainutil import TINY, TINY_MMDIT, ckpt_steps, load_ckpt, loss_records, overrides, single_thread, tiny_cfg
+from trainutil import (
+    TINY,
+    TINY_MMDIT,
+    ckpt_steps,
+    load_ckpt,
+    loss_records,
+    overrides,
+    single_thread,
+    tiny_cfg,
+)
 
 import trainer.loop
 import trainer.preview
