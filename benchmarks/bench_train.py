@@ -12,6 +12,8 @@ Variants (median seconds per optimizer step, interleaved):
   official_phase2  the same with loss.py's denoise_only (teacher and return_act forward still run)
   online_lean      a lean online teacher (4 hooked layers, fused attention, 4 student taps): the floor
                    of not caching
+  phase1_cached_attn0  (MM-DiT only) our Phase I with align.attn_weight 0: the released T2I recipe, whose
+                   official step computes ATTA but zeroes it, like for like
 Memory per variant: resident state (weights, EMA, optimizer state, teacher, codec arrays) plus the step's
 peak tensor allocations (CUDA: allocator peak; CPU: profiler allocation events). Also the default
 codec's decode of one batch against the teacher forwards it replaces. Loader: samples/s of the
@@ -277,6 +279,10 @@ def build_variants(args, root: Path, cache, batch, images) -> tuple[dict[str, Va
         **off,
         "online_lean": lean,
     }
+    if text:  # like for like with the released train_t2i.py, whose ATTA never reaches the loss: ours with attn_weight 0
+        p1 = phases[0]
+        variants["phase1_cached_attn0"] = our_variant(args, ours, cache, batch, Phase(
+            name="I", start=0, end=p1.end, feat_weight=p1.feat_weight, attn_weight=0.0))
     parts = {"decode_default_codec": decode_fn(cache, batch, ours.cfg, torch.device(args.device)),
              "teacher_lean": lean_teacher, "teacher_official": teacher_forward}
     return variants, parts
@@ -290,7 +296,10 @@ def summarise(secs: dict[str, float], memory: dict[str, dict[str, float]], parts
                    "phase2_over_official_phase2": r(secs["phase2"], secs["official_phase2"]),
                    "phase2_over_denoise_only": r(secs["phase2"], secs["denoise_only"]),
                    "phase1_cached_over_online_lean": r(secs["phase1_cached"], secs["online_lean"]),
-                   "official_phase2_over_official_phase1": r(secs["official_phase2"], secs["official_phase1"])},
+                   "official_phase2_over_official_phase1": r(secs["official_phase2"], secs["official_phase1"]),
+                   **({"phase1_cached_attn0_over_official_phase1": r(secs["phase1_cached_attn0"],
+                                                                     secs["official_phase1"])}
+                      if "phase1_cached_attn0" in secs else {})},
         "memory_mib": memory,
         "memory_ratios": {f"{k}_phase1_cached_over_official_phase1":
                           r(memory["phase1_cached"][k], memory["official_phase1"][k]) for k in ("peak", "step_peak")},
