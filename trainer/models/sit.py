@@ -73,13 +73,9 @@ class TransformerShape:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(TransformerShape):
-    """Architecture of one SiT. Defaults are SiT-XL/2 at 256 px (32×32×4 SD-VAE latents).
+    """Architecture of one SiT. Defaults are SiT-XL/2 at 256 px (32×32×4 SD-VAE latents)."""
 
-    ``arch`` names the network in saved configs (``trainer/models/archs.py``); configs saved before it
-    existed lack it and mean "sit".
-    """
-
-    arch: str = "sit"
+    arch: str = "sit"  # names the network in saved configs (models/archs.py); absent in older ones = "sit"
     depth: int = 28
     hidden_size: int = 1152
     num_heads: int = 16
