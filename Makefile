@@ -78,8 +78,9 @@ bench: bench-preprocess bench-train bench-eval bench-codecs bench-text bench-pro
 bench-preprocess: $(STAMP)  ## preprocess images/s vs bare model compute
 	$(BIN)/python benchmarks/bench_preprocess.py $(ARGS)
 
-bench-train: $(STAMP)  ## step time: cached Phase I / Phase II vs denoise-only vs official online teacher
+bench-train: $(STAMP)  ## step time: cached Phase I / Phase II vs denoise-only vs official online teacher (SiT-B/2, MM-DiT)
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
+	$(BIN)/python benchmarks/bench_train.py --model MMDiT-12/2 $(ARGS)
 
 bench-eval: $(STAMP)  ## sampling images/s (NFE stated) vs the official batch RNG; feature extraction images/s
 	$(BIN)/python benchmarks/bench_eval.py $(ARGS)

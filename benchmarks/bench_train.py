@@ -12,13 +12,21 @@ Variants (median seconds per optimizer step, interleaved):
   official_phase2  the same with loss.py's denoise_only (teacher and return_act forward still run)
   online_lean      a lean online teacher (4 hooked layers, fused attention, 4 student taps): the floor
                    of not caching
+  phase1_cached_attn0  (MM-DiT only) our Phase I with align.attn_weight 0: the released T2I recipe, whose
+                   official step computes ATTA but zeroes it, like for like
 Memory per variant: resident state (weights, EMA, optimizer state, teacher, codec arrays) plus the step's
 peak tensor allocations (CUDA: allocator peak; CPU: profiler allocation events). Also the default
 codec's decode of one batch against the teacher forwards it replaces. Loader: samples/s of the
 Phase I (latents+teacher) and Phase II (latents) streams vs a raw read of the same shard bytes.
 Targets: phase1_cached <= 0.85x official_phase1, phase2 <= 1.02x denoise_only.
 
+MM-DiT (``--model MMDiT-24/2``, or any ``MMDiT-<depth>/<patch>`` by the official width rule, hidden
+32·depth and depth heads, e.g. ``MMDiT-12/2`` on a CPU): the same variants on a captioned cache (CLIP
+ViT-L/14's text tower at random init: 77 x 768 contexts), against train_t2i.py's step re-enacted
+(DINOv2 online every step, the MM-DiT's image-token logits of blocks 0-7, ATTA computed then zeroed).
+
     python benchmarks/bench_train.py [--device cuda --model SiT-XL/2 --batch 32]
+    python benchmarks/bench_train.py --model MMDiT-12/2       # the CPU size; MMDiT-24/2 = the paper's
 """
 
 from __future__ import annotations
@@ -65,25 +73,46 @@ from trainer.engine import (  # noqa: E402
     update_ema,
     wrap,
 )
+from trainer.models.mmdit import MMDIT_PRESETS  # noqa: E402
 from trainer.models.sit import SIT_PRESETS  # noqa: E402
 from trainer.objectives import attention_alignment_loss, repa_loss  # noqa: E402
 from trainer.phases import Phase, build_phases  # noqa: E402
 
 MIB = 2**20
 EMULATION = ("HASTE train.py per phase, op for op (benchmarks/official_emulation.py); EMA in every variant")
+EMULATION_T2I = ("HASTE train_t2i.py per phase, op for op (benchmarks/official_emulation.py): teacher online every "
+                 "step, image-token logits of blocks 0-7, ATTA computed then zeroed; EMA in every variant")
+
+
+def is_mmdit(args) -> bool:
+    return args.model.startswith("MMDiT-")
 
 
 def build_cache(root: Path, n: int, args) -> Path:
-    run(PreprocessConfig(source=f"synthetic:{n}", synthetic_classes=8, out=str(root), resolution=256,
-                         shard_size=args.batch, vae="random:tiny", teacher="random:base", batch_size=args.batch,
-                         num_workers=0, device=args.device))
+    source = {"source": f"synthetic-captions:{n}", "text_encoder": "random:l14", "text_batch_size": 32} \
+        if is_mmdit(args) else {"source": f"synthetic:{n}", "synthetic_classes": 8}
+    run(PreprocessConfig(**source, out=str(root), resolution=256, shard_size=args.batch, vae="random:tiny",
+                         teacher="random:base", batch_size=args.batch, num_workers=0, device=args.device))
     return root
 
 
+def model_fields(name: str) -> dict:
+    """A preset's fields; ``MMDiT-<depth>/<patch>`` outside the presets by the official rule (hidden 32·depth)."""
+    if name in SIT_PRESETS:
+        return SIT_PRESETS[name]
+    if name in MMDIT_PRESETS:
+        return MMDIT_PRESETS[name]
+    depth, patch = (int(v) for v in name.removeprefix("MMDiT-").split("/"))
+    return dict(depth=depth, hidden_size=32 * depth, num_heads=depth, patch_size=patch)
+
+
 def overrides(args) -> tuple[str, ...]:
-    """ATTA aligns the first min(12, heads) student heads (all 12 for B, L, XL)."""
-    heads = list(range(min(12, SIT_PRESETS[args.model]["num_heads"])))
-    return (f"model.preset={args.model}", f"align.student_heads={heads}", f"align.teacher_heads={heads}")
+    """ATTA aligns the first min(12, heads) student heads (all 12 for B, L, XL; the first 12 of MM-DiT's)."""
+    fields = model_fields(args.model)
+    heads = list(range(min(12, fields["num_heads"])))
+    arch = ("model.arch=mmdit",) if is_mmdit(args) else ()
+    return (*arch, *(f"model.{k}={v}" for k, v in fields.items()), f"align.student_heads={heads}",
+            f"align.teacher_heads={heads}")
 
 
 @dataclass
@@ -145,6 +174,13 @@ def step_fn(args, cache, batch, phase: Phase, z_dim: int):
     return our_variant(args, trainer(args, cache.root, z_dim), cache, batch, phase).step
 
 
+def official_context(batch: dict) -> torch.Tensor | None:
+    """train_t2i.py's condition: one caption per image as fp32 (B, L, D) on the host (its dataset's output)."""
+    if "text" not in batch:
+        return None
+    return batch["text"][batch["text_offsets"][:-1]].float()
+
+
 def official_variants(args, tr: Trainer, cache, batch, images) -> tuple[dict[str, Variant], Callable]:
     """HASTE's Phase I and II steps (shared model) and its teacher forward (for the decode comparison)."""
     teacher, _ = load_teacher("random:base", layers=(), resolution=256, device=tr.d.device, capture=())
@@ -152,7 +188,7 @@ def official_variants(args, tr: Trainer, cache, batch, images) -> tuple[dict[str
     teacher_bytes = tensor_bytes([*teacher.model.parameters(), *teacher.model.buffers()])
     variants = {f"official_phase{p}": Variant(
         official_step_fn(tr.cfg, tr.model, tr.ema, tr.opt, teacher, acts, batch, images, cache.latents.spec,
-                         tr.d.device, phase1=p == 1),
+                         tr.d.device, phase1=p == 1, context=official_context(batch)),
         lambda: tr.state_bytes() + teacher_bytes) for p in (1, 2)}
 
     def teacher_forward() -> None:
@@ -170,7 +206,7 @@ def lean_variant(args, tr: Trainer, cache, batch, images) -> tuple[Variant, Call
     a = cfg.align
     teacher, _ = load_teacher("random:base", layers=a.teacher_layers, resolution=256, device=d.device)
     prec = "fp32" if args.precision == "fp32" else "bf16"
-    lat = {k: v for k, v in batch.items() if k in ("moments", "label")}
+    lat = {k: v for k, v in batch.items() if k in ("moments", "label", "text", "text_offsets", "text_count")}
     teacher_bytes = tensor_bytes([*teacher.model.parameters(), *teacher.model.buffers()])
 
     def step() -> None:
@@ -178,11 +214,11 @@ def lean_variant(args, tr: Trainer, cache, batch, images) -> tuple[Variant, Call
             t = teacher(images, prec)
             with autocast(cfg, d.device):
                 logits = (t.q * teacher.scale) @ t.k.transpose(-1, -2)      # (N, L, H, T, T)
-        g = torch.Generator(device=d.device).manual_seed(0)
-        inp = prepare_inputs(lat, model, cfg, Phase(name="x", start=0, end=None), cache, d.device, g)
+        g, g_text = torch.Generator(device=d.device).manual_seed(0), torch.Generator().manual_seed(1)
+        inp = prepare_inputs(lat, model, cfg, Phase(name="x", start=0, end=None), cache, d.device, g, g_text)
         tt = torch.rand(inp.x0.shape[0], device=d.device)
         with autocast(cfg, d.device):
-            out = model(inp.x0, tt, inp.y, attn_blocks=a.student_blocks, feature_block=a.feature_block)
+            out = model(inp.x0, tt, inp.cond, attn_blocks=a.student_blocks, feature_block=a.feature_block)
         loss = ((out.out.float() - inp.x0) ** 2).mean() + 0.5 * repa_loss(out.features.float(), t.feat) + \
             0.5 * attention_alignment_loss([out.attn_logits[b] for b in a.student_blocks], list(logits.unbind(1)),
                                            a.student_heads, a.teacher_heads)
@@ -203,18 +239,19 @@ def decode_fn(cache, batch, cfg, device: torch.device) -> Callable[[], None]:
     return lambda: cache.teacher_targets(batch, idx, device=device)
 
 
-def loader_speed(cache_root: Path, batch: int, samples: int) -> dict:
+def loader_speed(cache_root: Path, batch: int, samples: int, text: bool = False) -> dict:
     out = {}
     for name, with_teacher in (("phase1", True), ("phase2", False)):
-        cache = open_cache(cache_root, need_teacher=with_teacher)
-        it = iter(CacheStream(cache, with_teacher=with_teacher, batch_size=batch, seed=0))
+        cache = open_cache(cache_root, need_teacher=with_teacher, need_text=text)
+        it = iter(CacheStream(cache, with_teacher=with_teacher, batch_size=batch, seed=0, with_text=text))
         next(it)
         t0, n = time.perf_counter(), 0
         while n < samples:
             n += len(next(it)["key"])
         out[f"{name}_samples_per_s"] = n / (time.perf_counter() - t0)
-    cache = open_cache(cache_root, need_teacher=True)
-    paths = [cache.shard_path(k, s) for s in range(cache.num_shards) for k in ("latents", "teacher")]
+    cache = open_cache(cache_root, need_teacher=True, need_text=text)
+    kinds = ("latents", "teacher", "text") if text else ("latents", "teacher")
+    paths = [cache.shard_path(k, s) for s in range(cache.num_shards) for k in kinds]
     t0, nbytes = time.perf_counter(), 0
     for p in paths:
         nbytes += len(p.read_bytes())
@@ -229,6 +266,7 @@ def build_variants(args, root: Path, cache, batch, images) -> tuple[dict[str, Va
     """The six step variants, sharing a model where that changes no step's work (memory: SiT-XL x6
     would not fit an 80 GB GPU); under --compile each of our phases gets its own model."""
     phases = build_phases(load_train_config(None, overrides(args)).align)
+    text = is_mmdit(args)
     if args.share_model:  # one model for every variant (SiT-XL/2 on a 24 GB host): denoise_only then runs
         plain = ours = official = ours2 = trainer(args, root)  # our Phase II structure (projector frozen)
     else:
@@ -237,12 +275,17 @@ def build_variants(args, root: Path, cache, batch, images) -> tuple[dict[str, Va
     off, teacher_forward = official_variants(args, official, cache, batch, images)
     lean, lean_teacher = lean_variant(args, official, cache, batch, images)
     variants = {
-        "denoise_only": our_variant(args, plain, open_cache(root, need_teacher=False), batch, phases[1]),
-        "phase2": our_variant(args, ours2, open_cache(root, need_teacher=False), batch, phases[1]),
+        "denoise_only": our_variant(args, plain, open_cache(root, need_teacher=False, need_text=text), batch,
+                                    phases[1]),
+        "phase2": our_variant(args, ours2, open_cache(root, need_teacher=False, need_text=text), batch, phases[1]),
         "phase1_cached": our_variant(args, ours, cache, batch, phases[0]),
         **off,
         "online_lean": lean,
     }
+    if text:  # like for like with the released train_t2i.py, whose ATTA never reaches the loss: ours with attn_weight 0
+        p1 = phases[0]
+        variants["phase1_cached_attn0"] = our_variant(args, ours, cache, batch, Phase(
+            name="I", start=0, end=p1.end, feat_weight=p1.feat_weight, attn_weight=0.0))
     parts = {"decode_default_codec": decode_fn(cache, batch, ours.cfg, torch.device(args.device)),
              "teacher_lean": lean_teacher, "teacher_official": teacher_forward}
     return variants, parts
@@ -256,7 +299,10 @@ def summarise(secs: dict[str, float], memory: dict[str, dict[str, float]], parts
                    "phase2_over_official_phase2": r(secs["phase2"], secs["official_phase2"]),
                    "phase2_over_denoise_only": r(secs["phase2"], secs["denoise_only"]),
                    "phase1_cached_over_online_lean": r(secs["phase1_cached"], secs["online_lean"]),
-                   "official_phase2_over_official_phase1": r(secs["official_phase2"], secs["official_phase1"])},
+                   "official_phase2_over_official_phase1": r(secs["official_phase2"], secs["official_phase1"]),
+                   **({"phase1_cached_attn0_over_official_phase1": r(secs["phase1_cached_attn0"],
+                                                                     secs["official_phase1"])}
+                      if "phase1_cached_attn0" in secs else {})},
         "memory_mib": memory,
         "memory_ratios": {f"{k}_phase1_cached_over_official_phase1":
                           r(memory["phase1_cached"][k], memory["official_phase1"][k]) for k in ("peak", "step_peak")},
@@ -289,8 +335,9 @@ def main() -> None:
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         root = build_cache(Path(tmp) / "cache", args.batch * 4, args)
-        cache = open_cache(root)
-        batch = next(iter(CacheStream(cache, with_teacher=True, batch_size=args.batch, seed=0)))
+        cache = open_cache(root, need_text=is_mmdit(args))
+        batch = next(iter(CacheStream(cache, with_teacher=True, batch_size=args.batch, seed=0,
+                                      with_text=is_mmdit(args))))
         if device.type == "cuda":  # the trainer's DataLoader pins batches in a background thread
             batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
         images = torch.stack([torch.from_numpy(synth_image(i, 8, 256)[0]) for i in range(args.batch)])
@@ -304,10 +351,11 @@ def main() -> None:
                             "peak": round((state + step_peak) / MIB, 1)}
         parts = interleaved_medians(part_fns, reps=args.reps, warmup=1, device=device)
         sync(device)
-        loader = loader_speed(root, args.batch, args.loader_samples)
+        loader = loader_speed(root, args.batch, args.loader_samples, text=is_mmdit(args))
     result = {"benchmark": "train_step", "env": {**environment(device), "load_avg_at_start": load_at_start},
               "model": args.model, "batch": args.batch, "share_model": args.share_model,
-              "precision": args.precision, "compile": args.compile, "official_emulation": EMULATION,
+              "precision": args.precision, "compile": args.compile,
+              "official_emulation": EMULATION_T2I if is_mmdit(args) else EMULATION,
               **summarise(secs, memory, parts), "loader": loader}
     path = write(f"train-{device.type}-{args.model.replace('/', '_')}", result, args.out)
     print(f"{result['seconds_per_step']}\n{result['ratios']}\nmemory MiB {memory}\n"

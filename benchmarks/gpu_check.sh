@@ -7,6 +7,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, timm, diffusers, webdataset; print('torch', torch.__version__, 'timm', timm.__version__, 'diffusers', diffusers.__version__)"
 python3 benchmarks/bench_train.py --device cuda --model SiT-XL/2 --batch 32 --reps 10 --loader-samples 256 --out "$OUT/train-cuda-xl2.json"
 python3 benchmarks/bench_train.py --device cuda --model SiT-B/2 --batch 64 --reps 10 --loader-samples 256 --out "$OUT/train-cuda-b2.json"
+python3 benchmarks/bench_train.py --device cuda --model MMDiT-24/2 --batch 32 --reps 10 --loader-samples 256 --out "$OUT/train-cuda-mmdit24.json"
 python3 benchmarks/bench_preprocess.py --device cuda --images 128 384 --batch 64 --workers 8 --precision bf16 --out "$OUT/preprocess-cuda.json"
 [ "${SMOKE:-1}" = 1 ] || exit 0
 python3 -m stages.cli preprocess --config configs/demo.yaml --set out=/tmp/democache --set device=cuda > /dev/null \

@@ -23,6 +23,15 @@ times the tensors the official step materialises and nothing else. Per step:
   ``update_ema`` (decay 0.9999, two in-place ops per named parameter) and the four logged
   scalars read back with ``.item()``.
 Left out: the bare ``print()`` in ``loss.py`` (a newline per step), wandb and tqdm.
+
+The text-to-image step (``train_t2i.py`` with HASTE ``models/mmdit.py``) is the same step with three
+differences: the student is the MM-DiT, whose ``block_mixing`` keeps q, k, v as (B, L, D) per stream,
+joins [context; image] along the tokens and runs SDPA over them, and with ``return_act`` computes
+the IMAGE-token logits ``(q kᵀ)·scale`` in blocks 0..encoder_depth-1 only (the projector after block
+encoder_depth-1); the condition is the batch's CLIP context (fp32 (B, 77, 768), moved to the device
+every step; the caption pick and CFG null happen in the dataset workers); and the attention loss is
+computed by ``loss.py`` and then replaced by zeros (``attn_loss_mean = torch.zeros_like(loss_mean)``,
+SPEC §7.15), so its forward is paid and nothing flows back from it. The teacher still runs every step.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from pipeline.encoders.teacher import preprocess
 from pipeline.encoders.vae import sample_latents
 from trainer.config import TrainConfig
 from trainer.engine import autocast
+from trainer.models.mmdit import MMDiT, StreamBlock
 from trainer.models.sit import SiT, modulate, unpatchify
 
 
@@ -85,6 +95,40 @@ def official_sit_forward(model: SiT, x: Tensor, t: Tensor, y: Tensor, encoder_de
     return unpatchify(model.final_layer(h, c), model.cfg.patch_size, model.cfg.in_channels), acts, zs
 
 
+def _stream_pre_attention(blk: StreamBlock, x: Tensor, c: Tensor) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+    """DismantledBlock.pre_attention: q, k as (B, L, D), v as (B, L, H, hd) (split_qkv), and the modulation."""
+    mods = blk.adaLN_modulation(c).chunk(2 if blk.pre_only else 6, dim=1)
+    qkv = blk.attn.qkv(modulate(blk.norm1(x), mods[0], mods[1]))
+    q, k, v = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, -1, blk.attn.head_dim).movedim(2, 0)  # (B, L, H, hd)
+    return [q.reshape(q.shape[0], q.shape[1], -1), k.reshape(k.shape[0], k.shape[1], -1), v], mods[2:]
+
+
+def official_mmdit_forward(model: MMDiT, x: Tensor, t: Tensor, context: Tensor, encoder_depth: int):
+    """MMDiT.forward(..., return_act=True) as train_t2i.py runs it: image-token logits in blocks
+    0..encoder_depth-1, SDPA over [context; image] in (B, L, D) layout, the projector after block encoder_depth-1."""
+    h = model.x_embedder(x) + model.pos_embed                       # the 16x16 table cropped = all of it at 256 px
+    N, T, D = h.shape
+    c = model.t_embedder(t)
+    ctx = model.context_embedder(context)                           # (N, L, D)
+    acts, zs = [], []
+    for i, blk in enumerate(model.joint_blocks):
+        heads = blk.x_block.attn.num_heads
+        ctx_qkv, ctx_mods = _stream_pre_attention(blk.context_block, ctx, c)
+        x_qkv, x_mods = _stream_pre_attention(blk.x_block, h, c)
+        if i < encoder_depth:                                       # block_mixing's return_act branch
+            q, k = (a.view(N, -1, heads, D // heads).transpose(1, 2) for a in x_qkv[:2])
+            acts.append((q @ k.transpose(-2, -1)) * (D // heads) ** -0.5)
+        q, k, v = (torch.cat((a, b), dim=1) for a, b in zip(ctx_qkv, x_qkv))
+        q, k, v = (a.view(N, -1, heads, D // heads).transpose(1, 2) for a in (q, k, v))   # attention()
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, -1, D)   # (N, L+T, D)
+        L = ctx.shape[1]
+        ctx = None if blk.context_block.pre_only else blk.context_block.post_attention(a[:, :L], ctx, ctx_mods)
+        h = blk.x_block.post_attention(a[:, L:], h, x_mods)
+        if i + 1 == encoder_depth:
+            zs = [model.projectors[0](h.reshape(-1, D)).reshape(N, T, -1)]
+    return unpatchify(model.final_layer(h, c), model.cfg.patch_size, model.cfg.in_channels), acts, zs
+
+
 def official_losses(out: Tensor, target: Tensor, acts: list[Tensor], zs: list[Tensor], teacher_acts: list[Tensor],
                     teacher_feat: Tensor, cfg: TrainConfig, phase1: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """loss.py on Accelerate's fp32 outputs: (per-sample denoise, attention, projection); no aux math in Phase II."""
@@ -113,11 +157,13 @@ def per_parameter_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float
         ema_params[name].mul_(decay).add_(p.data, alpha=1 - decay)
 
 
-def official_step_fn(cfg: TrainConfig, model: SiT, ema: SiT, opt: torch.optim.Optimizer, teacher,
+def official_step_fn(cfg: TrainConfig, model: SiT | MMDiT, ema: SiT | MMDiT, opt: torch.optim.Optimizer, teacher,
                      teacher_acts: list[Tensor], batch: dict, images: Tensor, latents_spec, device: torch.device,
-                     phase1: bool):
+                     phase1: bool, context: Tensor | None = None):
     """One official optimizer step (Phase I or II) on a preloaded batch. ``teacher``: a Teacher whose
-    timm model went through ``explicit_teacher_attention``, which returned ``teacher_acts``."""
+    timm model went through ``explicit_teacher_attention``, which returned ``teacher_acts``. With a host
+    ``context`` (B, L, D) fp32 and an MM-DiT: train_t2i.py's step (ATTA computed, then zeroed)."""
+    text = context is not None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     moments, labels = batch["moments"].to(device), batch["label"].to(device)
     depth = cfg.align.feature_block + 1  # encoder_depth
@@ -134,11 +180,16 @@ def official_step_fn(cfg: TrainConfig, model: SiT, ema: SiT, opt: torch.optim.Op
         noise = torch.randn_like(x0)
         x_t, target = (1 - t) * x0 + t * noise, -1 * x0 + 1 * noise  # linear path, v target
         with autocast(cfg, device):
-            out, s_acts, zs = official_sit_forward(model, x_t, t.flatten(), labels, depth)
+            if text:
+                out, s_acts, zs = official_mmdit_forward(model, x_t, t.flatten(), context.to(device), depth)
+            else:
+                out, s_acts, zs = official_sit_forward(model, x_t, t.flatten(), labels, depth)
         out, s_acts, zs = out.float(), [s.float() for s in s_acts], [z.float() for z in zs]  # convert_to_fp32
         denoise, attn, proj = official_losses(out, target, s_acts, zs, acts, feat, cfg, phase1)
         loss_mean = denoise.mean()
         proj_mean, attn_mean = (proj.mean(), attn.mean()) if phase1 else (torch.zeros_like(loss_mean),) * 2
+        if text:  # train_t2i.py L308: attn_loss_mean = torch.zeros_like(loss_mean), whatever the phase
+            attn_mean = torch.zeros_like(loss_mean)
         loss = loss_mean + proj_mean * cfg.align.feat_weight + attn_mean * cfg.align.attn_weight
         scaler.scale(loss).backward()
         scaler.unscale_(opt)

@@ -18,15 +18,15 @@ from typing import Any
 import torch
 
 from pipeline import dist
-from pipeline.cache.reader import Requirements, check_cache, open_cache
+from pipeline.cache.reader import check_cache, open_cache
 from pipeline.cache.shards import atomic_write_json
 from pipeline.configs import to_dict
 from trainer import checkpoint
-from trainer.config import TrainConfig, config_diff
+from trainer.config import TrainConfig, config_diff, normalise_saved_config
 from trainer.engine import setup_numerics
-from trainer.models.sit import SiT
+from trainer.models.archs import Network, build_network
 from trainer.probe import run_probe
-from trainer.stop import TriggerStop, check_trigger_fits, normalise_saved_config
+from trainer.stop import TriggerStop, check_trigger_fits
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,9 @@ def run(cfg: TrainConfig, ckpt_path: str | Path, out: str | Path | None = None) 
     d = dist.init(cfg.device)
     setup_numerics(cfg)
     model, step, source = load_online_model(ckpt_path, cfg, d.device)
-    cache = open_cache(cfg.data.cache, latents=cfg.data.latents or None, teacher=cfg.data.teacher or None)
-    check_cache(cache, Requirements(
-        latent_size=cfg.model.input_size, latent_channels=cfg.model.in_channels, num_classes=cfg.model.num_classes,
-        teacher_layers=a.teacher_layers, teacher_heads=a.teacher_heads, num_tokens=cfg.model.num_tokens,
-        feat_dim=cfg.model.z_dim, need_features=a.feat_weight > 0, need_attention=a.attn_weight > 0))
+    cache = open_cache(cfg.data.cache, latents=cfg.data.latents or None, teacher=cfg.data.teacher or None,
+                       need_text=cfg.text_conditioned)
+    check_cache(cache, cfg.cache_requirements(features=a.feat_weight > 0, attention=a.attn_weight > 0))
     result = run_probe(model, cfg, stop, cache, step, d)
     fires = stop.fires([result.record])
     cos = " ".join(f"t={t:g} {c:+.4f}" for t, c in zip(result.record.times, result.record.cos))
@@ -61,7 +59,7 @@ def run(cfg: TrainConfig, ckpt_path: str | Path, out: str | Path | None = None) 
     return payload
 
 
-def load_online_model(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[SiT, int, str]:
+def load_online_model(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[Network, int, str]:
     """The online weights (projector included) of our full checkpoint or an official file, in ``cfg.model``."""
     ckpt = checkpoint.load(path)
     if "model_config" in ckpt:
@@ -87,7 +85,7 @@ def load_online_model(path: Path, cfg: TrainConfig, device: torch.device) -> tup
     state = ckpt.get("model", ckpt)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: no 'model' state dict of online weights (keys: {sorted(ckpt)[:8]})")
-    model = SiT(cfg.model)
+    model = build_network(cfg.model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

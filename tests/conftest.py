@@ -35,6 +35,19 @@ def demo_cache(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def caption_cache(tmp_path_factory) -> Path:
+    """A tiny captioned cache (48 synthetic-captions samples with 1-3 captions each, 6 shards of 8): latents,
+    teacher and text groups, the text encoded by a random-init tiny CLIP text model (8 tokens x 32 dims);
+    treat as read-only."""
+    from stages.preprocess import run
+
+    out = tmp_path_factory.mktemp("caption_cache")
+    run(tiny_preprocess_config(out, source="synthetic-captions:48", text_encoder="random:tiny", text_max_length=8,
+                               text_batch_size=64))
+    return out
+
+
 @pytest.fixture
 def restore_logging():
     """The CLI configures the root logger (basicConfig(force=True)); put it back afterwards."""

@@ -7,9 +7,15 @@ from __future__ import annotations
 import timm
 import torch
 
-from benchmarks.official_emulation import explicit_teacher_attention, official_losses, official_sit_forward
+from benchmarks.official_emulation import (
+    explicit_teacher_attention,
+    official_losses,
+    official_mmdit_forward,
+    official_sit_forward,
+)
 from pipeline.encoders.teacher import RANDOM_PRESETS
 from trainer.config import load_train_config
+from trainer.models.mmdit import MMDiT, MMDiTConfig
 from trainer.models.sit import ModelConfig, SiT
 from trainer.objectives import attention_alignment_loss, repa_loss
 
@@ -33,6 +39,24 @@ def test_official_forward_equals_our_model():
         out, acts, zs = official_sit_forward(model, x, t, y, encoder_depth=3)
         ours = model(x, t, y, attn_blocks=range(3), feature_block=2)
     assert len(acts) == 3 and len(zs) == 1 and ours.out.abs().mean() > 0.01
+    torch.testing.assert_close(out, ours.out, rtol=1e-5, atol=1e-5)
+    for i in range(3):
+        torch.testing.assert_close(acts[i], ours.attn_logits[i], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zs[0], ours.features, rtol=1e-5, atol=1e-5)
+
+
+def test_official_mmdit_forward_equals_our_model():
+    """train_t2i.py's MM-DiT forward ((B, L, D) streams joined on the tokens, image-token logits in blocks
+    0..encoder_depth-1, the projector after the last of them) computes what our MMDiT does when asked."""
+    torch.manual_seed(0)
+    model = MMDiT(MMDiTConfig(depth=4, hidden_size=64, num_heads=4, input_size=8, context_len=5, context_dim=24,
+                              projector_dim=32, z_dim=16))
+    g = torch.Generator().manual_seed(1)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 24, generator=g)
+    with torch.no_grad():
+        out, acts, zs = official_mmdit_forward(model, x, t, ctx, encoder_depth=3)
+        ours = model(x, t, ctx, attn_blocks=range(3), feature_block=2)
+    assert len(acts) == 3 and acts[0].shape == (2, 4, 16, 16) and len(zs) == 1 and ours.out.abs().mean() > 0.01
     torch.testing.assert_close(out, ours.out, rtol=1e-5, atol=1e-5)
     for i in range(3):
         torch.testing.assert_close(acts[i], ours.attn_logits[i], rtol=1e-5, atol=1e-5)

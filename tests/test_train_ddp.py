@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainutil import ckpt_steps, load_ckpt, loss_records, overrides, single_thread, tiny_cfg
+from trainutil import (
+    TINY,
+    TINY_MMDIT,
+    ckpt_steps,
+    load_ckpt,
+    loss_records,
+    overrides,
+    single_thread,
+    tiny_cfg,
+)
 
 import trainer.loop
 import trainer.preview
@@ -33,10 +42,14 @@ def _one_thread():
 
 
 @pytest.mark.slow
-def test_two_rank_gloo_matches_single_process(demo_cache: Path, tmp_path: Path,
+@pytest.mark.parametrize("arch", ["sit", "mmdit"])
+def test_two_rank_gloo_matches_single_process(arch: str, request: pytest.FixtureRequest, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """For MM-DiT also the caption picks and CFG nulls: slot = rank * grad_accum + j names their generator too."""
+    base = TINY_MMDIT if arch == "mmdit" else TINY
+    demo_cache = request.getfixturevalue("caption_cache" if arch == "mmdit" else "demo_cache")
     ddp_run, single_run = tmp_path / "ddp", tmp_path / "single"
-    sets = overrides(demo_cache, ddp_run, {**COMMON, "grad_accum": 1, "data.num_workers": 0})
+    sets = overrides(demo_cache, ddp_run, {**COMMON, "grad_accum": 1, "data.num_workers": 0}, base)
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "stages.cli", "train",
            *[a for kv in sets for a in ("--set", kv)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -49,7 +62,7 @@ def test_two_rank_gloo_matches_single_process(demo_cache: Path, tmp_path: Path,
     assert "entering phase II" in proc.stderr and "world 2, per-rank batch 4 x 1 accum" in proc.stderr
 
     monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)
-    train(tiny_cfg(demo_cache, single_run, {**COMMON, "grad_accum": 2, "data.num_workers": 2}))
+    train(tiny_cfg(demo_cache, single_run, {**COMMON, "grad_accum": 2, "data.num_workers": 2}, base))
 
     assert ckpt_steps(ddp_run) == ckpt_steps(single_run) == [2, 4]   # end of Phase I, end of run
     assert json.loads((ddp_run / "config.json").read_text())["world_size"] == 2

@@ -118,7 +118,8 @@ def test_checkpoint_files_load_weights_only(short_run) -> None:
     assert set(ckpt) >= {"model", "ema", "opt", "steps", "rng", "train_state"}
     assert ckpt["steps"] == 6 and ckpt["train_state"]["phase"] == "II"
     ema = torch.load(run / "checkpoints" / "ema-0000006.pt", weights_only=True)
-    assert set(ema) == {"ema", "steps", "model_config", "latents"} and ema["steps"] == 6
+    assert set(ema) == {"ema", "steps", "model_config", "latents", "conditioning"} and ema["steps"] == 6
+    assert ema["conditioning"] == "class" and ema["model_config"]["arch"] == "sit"  # no text records for a SiT
     assert ema["latents"]["vae"]["name"] == "random:tiny" and ema["latents"]["scale"] == 0.18215  # for `haste eval`
     model = SiT(ModelConfig(**ema["model_config"]))
     model.load_state_dict(ema["ema"], strict=True)

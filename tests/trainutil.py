@@ -25,16 +25,29 @@ TINY: dict[str, Any] = {
 }
 
 
-def overrides(cache: Path | str, run_dir: Path | str, changes: dict[str, Any] | None = None) -> list[str]:
+# The same sizes as an MM-DiT for the ``caption_cache`` fixture: 8 text tokens of 32 dims (the tiny CLIP text
+# model), the first 12 of its 12 heads aligned; no classes.
+TINY_MMDIT: dict[str, Any] = {**{k: v for k, v in TINY.items() if k != "model.num_classes"},
+                              "model.arch": "mmdit", "model.context_len": 8, "model.context_dim": 32}
+
+
+def overrides(cache: Path | str, run_dir: Path | str, changes: dict[str, Any] | None = None,
+              base: dict[str, Any] = TINY) -> list[str]:
     """``key=value`` strings (values as JSON, which YAML reads back exactly) for the tiny config."""
-    merged = {**TINY, "data.cache": str(cache), "run_dir": str(run_dir), **(changes or {})}
+    merged = {**base, "data.cache": str(cache), "run_dir": str(run_dir), **(changes or {})}
     return [f"{k}={json.dumps(v)}" for k, v in merged.items()]
 
 
-def tiny_cfg(cache: Path | str, run_dir: Path | str, changes: dict[str, Any] | None = None):
+def tiny_cfg(cache: Path | str, run_dir: Path | str, changes: dict[str, Any] | None = None,
+             base: dict[str, Any] = TINY):
     from trainer.config import load_train_config
 
-    return load_train_config(None, tuple(overrides(cache, run_dir, changes)))
+    return load_train_config(None, tuple(overrides(cache, run_dir, changes, base)))
+
+
+def tiny_t2i_cfg(cache: Path | str, run_dir: Path | str, changes: dict[str, Any] | None = None):
+    """The tiny config with a tiny MM-DiT (text-conditioned) instead of the SiT."""
+    return tiny_cfg(cache, run_dir, changes, TINY_MMDIT)
 
 
 def copy_cache(src: Path, dst: Path, drop_teacher: bool = False) -> Path:

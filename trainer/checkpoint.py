@@ -4,6 +4,27 @@
 (step, phase, data position); a JSON sidecar next to it holds the config and provenance.
 ``ema-0001000.pt`` is the EMA-only export for sampling. The official format (``model``,
 ``ema``, ``opt``, ``steps``, pickled ``args``) loads too, via an allow-listed Namespace.
+
+What eval reads to rebuild, condition and decode a model (``trainer/generate.py``), also when the
+cache is gone:
+
+    step-XXXXXXX.json (sidecar)
+      config.model            the model config; config.model.arch = "sit" | "mmdit" (absent: "sit",
+                              configs saved before arch existed); the other keys are that arch's
+                              ModelConfig / MMDiTConfig fields (MM-DiT: context_len, context_dim, ...)
+      conditioning            "class" | "text"
+      latents                 {vae: the VAE identity (name, revision/hash/seed), scale, bias, num_classes}
+      text                    text models only: {group: the text group key, encoder: the text encoder's
+                              identity (name + revision / files_sha256 / seed, as the group's manifest),
+                              tokenizer, max_length, dim, dtype (stored), precision (of the encode),
+                              null_sha256: the sha256 of the group's codec/empty_caption.npy}
+      cache                   {latents, teacher, text}: the group keys trained on
+    step-XXXXXXX.pt           + text_null (text models): the empty caption's encoding (L, D), stored dtype
+    ema-XXXXXXX.pt            {ema, steps, model_config (= config.model), latents, conditioning}
+                              + text, text_null (text models): the same records as above
+
+So a prompt encoded by the recorded encoder at ``max_length`` conditions the model as training did,
+and CFG's null (the empty caption) needs no encoder at all: ``text_null``.
 """
 
 from __future__ import annotations
@@ -23,6 +44,7 @@ from typing import Any
 import torch
 
 from pipeline.cache.shards import atomic_write_json
+from pipeline.cache.text import NULL_FILE
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
@@ -77,15 +99,34 @@ def save(run_dir: str | Path, step: int, payload: dict[str, Any], meta: dict[str
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"step-{step:07d}.pt"
     atomic_torch_save(payload, path)
-    atomic_torch_save({"ema": payload["ema"], "steps": step, "model_config": meta["config"]["model"],
-                       "latents": meta.get("latents")},
-                      d / f"ema-{step:07d}.pt")
+    export = {"ema": payload["ema"], "steps": step, "model_config": meta["config"]["model"],
+              "latents": meta.get("latents"), "conditioning": meta.get("conditioning", "class")}
+    if "text" in meta:  # text models: what prompts are encoded with, and CFG's null encoding itself
+        export.update(text=meta["text"], text_null=payload["text_null"])
+    atomic_torch_save(export, d / f"ema-{step:07d}.pt")
     with disk_full_named(d / f"step-{step:07d}.json"):
         atomic_write_json(d / f"step-{step:07d}.json", meta)  # written last: marks the checkpoint complete
     for old in list_checkpoints(run_dir)[:-keep]:
         for p in (old, old.with_suffix(".json"), ema_path(old)):
             p.unlink(missing_ok=True)
     return path
+
+
+def inference_meta(cache, conditioning: str) -> dict[str, Any]:
+    """The sidecar records eval needs besides the config (``latents``, ``conditioning``, ``text``; see the
+    module docstring), from the groups the run trains on."""
+    lat = cache.latents
+    out: dict[str, Any] = {
+        "conditioning": conditioning,
+        "latents": {"vae": lat.identity["vae"], "scale": lat.spec.scale, "bias": lat.spec.bias,
+                    "num_classes": len(lat.classes)}}
+    if conditioning == "text":
+        t = cache.text
+        out["text"] = {"group": t.key, "encoder": t.identity.get("text_encoder"), "tokenizer": t.identity.get("tokenizer"),
+                       "max_length": t.spec.max_length, "dim": t.spec.dim, "dtype": t.spec.dtype,
+                       "precision": t.identity.get("text_precision"),
+                       "null_sha256": t.codec_files.get(NULL_FILE, {}).get("sha256")}
+    return out
 
 
 def step_of(path: Path) -> int:

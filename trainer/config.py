@@ -6,6 +6,17 @@ A YAML ``train:`` section (plus ``--set a.b=v`` overrides) builds a ``TrainConfi
     train:
       model: {preset: SiT-B/2}
       align: {preset: haste-sit-b}      # student 2,3,4 <- teacher 7,9,11, depth 5, tau 100K
+
+``model.arch`` selects the network (``trainer/models/archs.py``): ``sit`` (the default, class labels)
+or ``mmdit`` (text: caption encodings from the cache's text group). It may be left out when the
+preset names it (``model: {preset: MMDiT-24/2}``); every other field belongs to that arch's config:
+
+    train:
+      model: {arch: mmdit, preset: MMDiT-24/2, caption_dropout_prob: 0.1}
+      align: {preset: haste-mmdit}      # student 4-7 <- teacher 8-11, first 12 of 24 heads, tau 200K
+
+Saved configs (config.json, checkpoint sidecars) from before ``arch`` existed describe a SiT;
+``normalise_saved_config`` reads them that way, so such runs resume unchanged.
 """
 
 from __future__ import annotations
@@ -15,8 +26,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import configs
+from pipeline.cache.reader import Requirements
 from pipeline.configs import ConfigError, check
-from trainer.models.sit import SIT_PRESETS, ModelConfig
+from trainer import stop as stop_config
+from trainer.models.archs import ARCHS, AnyModelConfig, arch_for_preset, arch_of
+from trainer.models.sit import ModelConfig
 from trainer.stop import StepStop, StopConfig, check_trigger_fits, normalise_align
 
 # Alignment recipes (SPEC §2.3, §2.4, Paper Table 16). Block/layer indices are 0-based.
@@ -29,6 +43,12 @@ ALIGN_PRESETS: dict[str, dict[str, Any]] = {
     "haste-sit-b": dict(feat_weight=0.5, attn_weight=0.5, feature_block=4, student_blocks=(2, 3, 4),
                         teacher_layers=(7, 9, 11), student_heads=tuple(range(12)), teacher_heads=tuple(range(12)),
                         stop=StepStop(step=100_000)),
+    # MM-DiT on COCO (Paper §4.2, Table 2; SPEC §8): the official loss.py pairs (its ATTA takes the FIRST 12
+    # of the student's 24 heads of dim 32, head h <-> teacher head h), image-token logits only, feature
+    # block 7 (encoder_depth 8), tau 200K. The released train_t2i.py zeroes ATTA (SPEC §7.15): attn_weight 0.
+    "haste-mmdit": dict(feat_weight=0.5, attn_weight=0.5, feature_block=7, student_blocks=(4, 5, 6, 7),
+                        teacher_layers=(8, 9, 10, 11), student_heads=tuple(range(12)), teacher_heads=tuple(range(12)),
+                        stop=StepStop(step=200_000)),
     # REPA: feature alignment only, never terminated.
     "repa": dict(feat_weight=0.5, attn_weight=0.0, feature_block=7, student_blocks=(), teacher_layers=(),
                  student_heads=(), teacher_heads=(), stop=StepStop(step=None)),
@@ -75,7 +95,7 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     run_dir: str = "runs/demo"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: AnyModelConfig = field(default_factory=ModelConfig)  # SiT or MM-DiT (model.arch)
     align: AlignConfig = field(default_factory=AlignConfig)
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
@@ -102,6 +122,9 @@ class TrainConfig:
     sample_steps: int = 50            # preview: Euler ODE steps
     sample_cfg: float = 4.0           # preview CFG scale (official preview setting)
     sample_count: int = 16
+    # Text models: cache keys whose first caption the previews draw (the trainer has no text encoder, so
+    # previews use cached encodings; one sample each); empty = the first sample_count samples of the cache.
+    sample_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check(self.global_batch_size > 0, "global_batch_size", "must be positive")
@@ -114,7 +137,23 @@ class TrainConfig:
         check(self.threads == "auto" or self.threads > 0, "threads", "must be 'auto' or a positive integer")
         for name in ("log_every", "ckpt_every", "keep_ckpts", "sample_every", "sample_steps", "sample_count"):
             check(getattr(self, name) > 0, name, "must be positive")
+        check(not self.sample_keys or self.text_conditioned, "sample_keys",
+              "names cached captions for the previews of a text model (model.arch: mmdit); a SiT previews labels")
         self._check_alignment()
+
+    @property
+    def text_conditioned(self) -> bool:
+        """MM-DiT: the forward's condition is a caption encoding (the cache's text group), not a label."""
+        return arch_of(self.model).conditioning == "text"
+
+    def cache_requirements(self, *, features: bool, attention: bool) -> Requirements:
+        """What a phase of this run needs from the cache, checked before its first step."""
+        m, a, text = self.model, self.align, self.text_conditioned
+        return Requirements(
+            latent_size=m.input_size, latent_channels=m.in_channels, num_classes=None if text else m.num_classes,
+            teacher_layers=a.teacher_layers, teacher_heads=a.teacher_heads, num_tokens=m.num_tokens, feat_dim=m.z_dim,
+            need_features=features, need_attention=attention,
+            text_dim=m.context_dim if text else None, text_length=m.context_len if text else None)
 
     def _check_alignment(self) -> None:
         a, m = self.align, self.model
@@ -139,28 +178,54 @@ class TrainConfig:
 # Fields that may change between a run and its resumption without altering the math.
 RESUME_SAFE = frozenset({"run_dir", "total_steps", "log_every", "ckpt_every", "keep_ckpts", "sample_every",
                          "sample_steps", "sample_cfg", "sample_count", "compile", "data.cache", "device",
-                         "data.verify_shards", "threads"})
+                         "data.verify_shards", "threads", "sample_keys"})
 
 
-def _with_preset(section: dict[str, Any], presets: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+def _with_preset(section: dict[str, Any], presets: dict[str, dict[str, Any]], name: str, kind: str = "") -> dict[str, Any]:
     section = dict(section or {})
     preset = section.pop("preset", None)
     if preset is None:
         return section
     if preset not in presets:
-        raise ConfigError(f"config field '{name}.preset': unknown preset {preset!r} (known: {', '.join(presets)})")
+        raise ConfigError(f"config field '{name}.preset': unknown {kind}preset {preset!r} (known: {', '.join(presets)})")
     return {**presets[preset], **section}
+
+
+def parse_model(section: Any) -> AnyModelConfig:
+    """A ``model:`` section -> the config of its arch (named, implied by the preset, or "sit")."""
+    if isinstance(section, tuple(a.config for a in ARCHS.values())):
+        return section
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"config section 'model' must be a mapping, got {section!r}")
+    section = dict(section or {})
+    arch = section.pop("arch", None) or arch_for_preset(section.get("preset"))
+    if arch not in ARCHS:
+        raise ConfigError(f"config field 'model.arch': unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+    section = _with_preset(section, ARCHS[arch].presets, "model", kind=f"{arch} ")
+    try:
+        return configs.build(ARCHS[arch].config, {**section, "arch": arch}, prefix="model.")
+    except ValueError as e:  # the model configs raise plain ValueErrors naming <Class>.<field>
+        raise ConfigError(str(e) if isinstance(e, ConfigError) else f"config section 'model' ({arch}): {e}") from None
 
 
 def load_train_config(path: str | Path | None, overrides: tuple[str, ...] = ()) -> TrainConfig:
     data = configs.load_yaml(path).get("train", {}) if path else {}
     data = configs.apply_overrides(data or {}, overrides)
-    data["model"] = _with_preset(data.get("model", {}), SIT_PRESETS, "model")
+    data["model"] = parse_model(data.get("model"))
     data["align"] = _with_preset(normalise_align(data.get("align")), ALIGN_PRESETS, "align")
     try:
         return configs.build(TrainConfig, data)
-    except ValueError as e:  # ModelConfig raises plain ValueErrors naming ModelConfig.<field>
+    except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def normalise_saved_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict in today's form: ``align.stop_step`` as ``align.stop`` (trainer/stop.py) and
+    ``model.arch`` filled in as "sit" (configs saved before it existed), so older runs compare equal."""
+    out = stop_config.normalise_saved_config(cfg)
+    if isinstance(out.get("model"), dict) and "arch" not in out["model"]:
+        out["model"] = {"arch": "sit", **out["model"]}
+    return out
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:

@@ -1,5 +1,8 @@
 """Pieces of one optimizer step: numerics, model/EMA/optimizer construction, DDP wrapping,
 per-step RNG, and ``train_step``. The loop in ``trainer/loop.py`` strings them together.
+
+The network is a SiT or an MM-DiT (``cfg.model.arch``); the step only differs in its condition
+(labels or one caption encoding per image, ``trainer/conditioning.py``, which documents the RNG order).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.dist import DistInfo
 from pipeline.encoders.vae import sample_latents
+from trainer.conditioning import is_text, training_condition
 from trainer.config import TrainConfig
-from trainer.models.sit import SiT
+from trainer.models.archs import Network, build_network
 from trainer.objectives import (
     attention_alignment_loss,
     flow_matching_loss,
@@ -75,24 +79,25 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> tuple[SiT, SiT]:
-    """Model and its EMA, an exact copy at step 0 (SPEC §2.5), both built from ``cfg.seed``."""
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[Network, Network]:
+    """Model (SiT or MM-DiT, ``model.arch``) and its EMA, an exact copy at step 0 (SPEC §2.5), both built
+    from ``cfg.seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = SiT(cfg.model)
+        model = build_network(cfg.model)
     model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     return model, ema
 
 
-def build_optimizer(cfg: TrainConfig, model: SiT) -> torch.optim.AdamW:
+def build_optimizer(cfg: TrainConfig, model: Network) -> torch.optim.AdamW:
     # All parameters, projector included (official). A parameter a phase freezes gets no
     # gradient and AdamW skips it; keeping it in the group keeps the state dict stable across phases.
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                              weight_decay=cfg.weight_decay)
 
 
-def set_phase_trainable(model: SiT, phase: Phase) -> None:
+def set_phase_trainable(model: Network, phase: Phase) -> None:
     """The projector takes part only while the feature loss is on (so DDP sees no unused params)."""
     if hasattr(model, "projectors"):
         model.projectors.requires_grad_(phase.needs_features)
@@ -101,7 +106,7 @@ def set_phase_trainable(model: SiT, phase: Phase) -> None:
                 p.grad = None
 
 
-def wrap(model: SiT, phase: Phase, d: DistInfo, compile_model: bool = False) -> torch.nn.Module:
+def wrap(model: Network, phase: Phase, d: DistInfo, compile_model: bool = False) -> torch.nn.Module:
     """(Re-)wrap for a phase: DDP over exactly the parameters the phase trains."""
     set_phase_trainable(model, phase)
     net: torch.nn.Module = model
@@ -114,7 +119,7 @@ def wrap(model: SiT, phase: Phase, d: DistInfo, compile_model: bool = False) -> 
 
 
 @torch.no_grad()
-def update_ema(ema: SiT, model: SiT, decay: float) -> None:
+def update_ema(ema: Network, model: Network, decay: float) -> None:
     """ema ← decay·ema + (1 − decay)·p over all parameters, as two multi-tensor kernels (not 2 per tensor)."""
     ema_params = dict(ema.named_parameters())
     pairs = [(ema_params[name], p.detach()) for name, p in model.named_parameters()]
@@ -123,12 +128,13 @@ def update_ema(ema: SiT, model: SiT, decay: float) -> None:
     torch._foreach_add_(targets, sources, alpha=1 - decay)
 
 
-def step_generator(seed: int, step: int, slot: int, device: torch.device) -> torch.Generator:
+def step_generator(seed: int, step: int, slot: int, device: torch.device, stream: str = "") -> torch.Generator:
     """RNG for one micro-batch of one step: resume and world-size changes reproduce it exactly.
 
     ``slot`` = rank * grad_accum + micro-batch index, the micro-batch's place in the global batch.
+    ``stream`` names an independent stream of the same micro-batch ("text": the caption draws, on the CPU).
     """
-    digest = hashlib.sha256(f"{seed}/{step}/{slot}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}/{step}/{slot}{'/' + stream if stream else ''}".encode()).digest()
     g = torch.Generator(device=device)
     g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return g
@@ -143,12 +149,12 @@ def no_sync(net: torch.nn.Module):
 @dataclass
 class StepInputs:
     x0: torch.Tensor                    # (N, C, H, W) posterior sample in model space
-    y: torch.Tensor                     # (N,) labels after CFG dropout
+    cond: torch.Tensor                  # (N,) labels or (N, L, D) caption encodings, after CFG dropout
     teacher_feat: torch.Tensor | None   # (N, T, D)
     teacher_logits: torch.Tensor | None  # (N, P, H, T, T) for the aligned pairs, in pair order
 
 
-def micro_loss(net: torch.nn.Module, model: SiT, cfg: TrainConfig, phase: Phase, inp: StepInputs,
+def micro_loss(net: torch.nn.Module, model: Network, cfg: TrainConfig, phase: Phase, inp: StepInputs,
                g: torch.Generator) -> dict[str, torch.Tensor]:
     """Losses of one micro-batch (device tensors, not yet divided by grad_accum)."""
     n = inp.x0.shape[0]
@@ -171,7 +177,7 @@ def loss_terms(net: torch.nn.Module, cfg: TrainConfig, phase: Phase, inp: StepIn
     """
     a = cfg.align
     with autocast(cfg, x_t.device):
-        out = net(x_t, t, inp.y, attn_blocks=a.student_blocks if phase.needs_attention else (),
+        out = net(x_t, t, inp.cond, attn_blocks=a.student_blocks if phase.needs_attention else (),
                   feature_block=a.feature_block if phase.needs_features else None)
     losses = {"denoise": flow_matching_loss(out.out.float(), v).mean()}
     if phase.needs_features:
@@ -183,15 +189,16 @@ def loss_terms(net: torch.nn.Module, cfg: TrainConfig, phase: Phase, inp: StepIn
     return losses
 
 
-def prepare_inputs(batch: dict, model: SiT, cfg: TrainConfig, phase: Phase, cache, device: torch.device,
-                   g: torch.Generator) -> StepInputs:
-    """Cached batch -> step inputs: fresh posterior sample, label dropout, decoded teacher logits."""
+def prepare_inputs(batch: dict, model: Network, cfg: TrainConfig, phase: Phase, cache, device: torch.device,
+                   g: torch.Generator, g_text: torch.Generator | None = None) -> StepInputs:
+    """Cached batch -> step inputs: fresh posterior sample, the condition (label dropout, or caption pick and
+    null substitution from ``g_text``), decoded teacher targets."""
     lat = cache.latents.spec
     moments = batch["moments"].to(device, non_blocking=True)
     x0 = sample_latents(moments, lat.scale, lat.bias, generator=g)
-    y = model.drop_labels(batch["label"].to(device, non_blocking=True), generator=g)
+    cond = training_condition(batch, model, cache, device, g, g_text)
     feat, logits = teacher_targets(batch, cfg, phase, cache, device)
-    return StepInputs(x0=x0, y=y, teacher_feat=feat, teacher_logits=logits)
+    return StepInputs(x0=x0, cond=cond, teacher_feat=feat, teacher_logits=logits)
 
 
 def teacher_targets(batch: dict, cfg: TrainConfig, phase: Phase, cache,
@@ -208,13 +215,15 @@ def teacher_targets(batch: dict, cfg: TrainConfig, phase: Phase, cache,
     return feat, logits
 
 
-def train_step(net: torch.nn.Module, model: SiT, opt: torch.optim.Optimizer, scaler, cfg: TrainConfig,
+def train_step(net: torch.nn.Module, model: Network, opt: torch.optim.Optimizer, scaler, cfg: TrainConfig,
                phase: Phase, cache, batches: list[dict], step: int, d: DistInfo) -> dict[str, torch.Tensor]:
     """One optimizer step over ``grad_accum`` micro-batches; returns detached mean losses."""
     sums: dict[str, torch.Tensor] = {}
     for j, batch in enumerate(batches):
-        g = step_generator(cfg.seed, step, d.rank * cfg.grad_accum + j, d.device)
-        inp = prepare_inputs(batch, model, cfg, phase, cache, d.device, g)
+        slot = d.rank * cfg.grad_accum + j
+        g = step_generator(cfg.seed, step, slot, d.device)
+        g_text = step_generator(cfg.seed, step, slot, torch.device("cpu"), stream="text") if is_text(model) else None
+        inp = prepare_inputs(batch, model, cfg, phase, cache, d.device, g, g_text)
         with contextlib.nullcontext() if j == len(batches) - 1 else no_sync(net):
             losses = micro_loss(net, model, cfg, phase, inp, g)
             scaler.scale(losses["loss"] / len(batches)).backward()

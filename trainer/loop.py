@@ -2,7 +2,9 @@
 
 Phase I reads latents + cached teacher targets; at tau the run checkpoints, reopens the data on
 the latents group alone (teacher shards are never opened again), drops the projector from the
-forward and the optimizer step, and re-wraps DDP. Rerun the same command to resume.
+forward and the optimizer step, and re-wraps DDP. Rerun the same command to resume. A text model
+(``model.arch: mmdit``) reads the text group too, in both phases (latents + teacher + text, then
+latents + text).
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import torch
 from pipeline import dist
 from pipeline.cache.groups import git_sha
 from pipeline.cache.loader import CacheStream, make_loader
-from pipeline.cache.reader import Requirements, check_cache, open_cache
+from pipeline.cache.reader import check_cache, open_cache
 from pipeline.cache.shards import atomic_write_json, remove_stale_temps
 from pipeline.configs import to_dict
 from trainer import checkpoint
 from trainer.checkpoint import TrainingError
-from trainer.config import RESUME_SAFE, TrainConfig, config_diff
+from trainer.config import RESUME_SAFE, TrainConfig, config_diff, normalise_saved_config
 from trainer.engine import (
     build_model,
     build_optimizer,
@@ -36,7 +38,7 @@ from trainer.phases import Phase, phase_at, phase_two_boundary
 from trainer.preview import Previewer
 from trainer.progress import Progress
 from trainer.runlog import Meter, StatsWriter
-from trainer.stop import STOP_RESUME_SAFE, normalise_saved_config
+from trainer.stop import STOP_RESUME_SAFE
 from trainer.stopper import StopController
 
 log = logging.getLogger(__name__)
@@ -46,16 +48,12 @@ __all__ = ["TrainingError", "train"]
 def open_data(cfg: TrainConfig, phase: Phase, d: dist.DistInfo, start_batch: int):
     """Open the cache for a phase, check it against the config, and return (cache, batch iterator)."""
     cache = open_cache(cfg.data.cache, latents=cfg.data.latents or None, teacher=cfg.data.teacher or None,
-                       need_teacher=phase.needs_teacher)
-    m, a = cfg.model, cfg.align
-    check_cache(cache, Requirements(
-        latent_size=m.input_size, latent_channels=m.in_channels, num_classes=m.num_classes,
-        teacher_layers=a.teacher_layers, teacher_heads=a.teacher_heads, num_tokens=m.num_tokens, feat_dim=m.z_dim,
-        need_features=phase.needs_features, need_attention=phase.needs_attention))
+                       need_teacher=phase.needs_teacher, need_text=cfg.text_conditioned)
+    check_cache(cache, cfg.cache_requirements(features=phase.needs_features, attention=phase.needs_attention))
     micro = cfg.per_rank_batch(d.world_size) // cfg.grad_accum
     stream = CacheStream(cache, with_teacher=phase.needs_teacher, batch_size=micro, seed=cfg.seed, rank=d.rank,
                          world_size=d.world_size, num_workers=cfg.data.num_workers, start_batch=start_batch,
-                         shuffle=cfg.data.shuffle, verify=cfg.data.verify_shards)
+                         shuffle=cfg.data.shuffle, verify=cfg.data.verify_shards, with_text=cfg.text_conditioned)
     # A DataLoader iterator draws its workers' base seed from the global RNG; the stream does not use
     # it, so keep the global RNG (saved in checkpoints) independent of when the data was (re)opened.
     with torch.random.fork_rng(devices=[]):
@@ -196,12 +194,14 @@ def _save(cfg, run_dir, step, model, ema, opt, scaler, phase, cache, meter: Mete
             "train_state": {"step": step, "phase": phase.name, "data_batches": step * cfg.grad_accum,
                             "world_size": d.world_size, "log_interval": log_interval, "stop": stopper.state_dict()},
         }
+        if cfg.text_conditioned:  # CFG's null: eval needs no text encoder for it
+            payload["text_null"] = cache.text_null()
         meta = {"config": to_dict(cfg), "step": step, "phase": phase.name, "reason": reason, "git_sha": git_sha(),
                 "stop": stopper.state_dict(),
-                "cache": {"latents": cache.latents.key, "teacher": cache.teacher.key if cache.teacher else None},
-                # what `haste eval` needs to decode samples even when the cache is gone
-                "latents": {"vae": cache.latents.identity["vae"], "scale": cache.latents.spec.scale,
-                            "bias": cache.latents.spec.bias, "num_classes": len(cache.latents.classes)}}
+                "cache": {"latents": cache.latents.key, "teacher": cache.teacher.key if cache.teacher else None,
+                          "text": cache.text.key if cache.text else None},
+                # what `haste eval` needs to rebuild, condition and decode samples even when the cache is gone
+                **checkpoint.inference_meta(cache, "text" if cfg.text_conditioned else "class")}
         path = checkpoint.save(run_dir, step, payload, meta, keep=cfg.keep_ckpts)
         log.info("step %d: saved %s (%s)", step, path, reason)
     dist.barrier()

@@ -7,7 +7,8 @@ with respect to the parameters of the 5th block"; this is what we compute, exact
     θ_b    = the parameters of block ``block`` (0-based) of the online model
     for each t in ``times``, for each sample i in P (all at the same t):
         x₀ᵢ = a posterior sample of i's cached VAE moments,   εᵢₜ ~ N(0, I)
-        xₜ  = α_t·x₀ᵢ + σ_t·εᵢₜ (the training interpolant),  label yᵢ (no CFG dropout)
+        xₜ  = α_t·x₀ᵢ + σ_t·εᵢₜ (the training interpolant),  label yᵢ (no CFG dropout); a text model:
+              one of i's captions, drawn from i's generator after its noises (never the null)
         L_den,i(t)   = the flow-matching loss of i              (the training ``denoise`` term)
         L_align,i(t) = λ_R·L_REPA,i + λ_A·L_ATTA,i               (the terms Phase I adds, same weights)
     g_den(t)   = Σᵢ ∇θ_b L_den,i(t)          g_align(t) = Σᵢ ∇θ_b L_align,i(t)
@@ -40,9 +41,10 @@ import torch
 
 from pipeline.cache.reader import Cache
 from pipeline.dist import DistInfo
+from trainer.conditioning import probe_condition
 from trainer.config import TrainConfig
 from trainer.engine import StepInputs, loss_terms, teacher_targets
-from trainer.models.sit import SiT
+from trainer.models.archs import Network, transformer_blocks
 from trainer.objectives import interpolate
 from trainer.phases import Phase
 from trainer.probe_data import ProbeSample, probe_set, rank_share, read_batches, sample_generator
@@ -70,7 +72,7 @@ def aligned_phase(cfg: TrainConfig) -> Phase:
     return Phase(name="I", start=0, end=None, feat_weight=a.feat_weight, attn_weight=a.attn_weight)
 
 
-def run_probe(model: SiT, cfg: TrainConfig, stop: TriggerStop, cache: Cache, step: int, d: DistInfo,
+def run_probe(model: Network, cfg: TrainConfig, stop: TriggerStop, cache: Cache, step: int, d: DistInfo,
               loss_scale: float = 1.0) -> ProbeResult:
     """The probe after ``step`` completed steps (see the module docstring). Collective under torchrun.
 
@@ -79,7 +81,7 @@ def run_probe(model: SiT, cfg: TrainConfig, stop: TriggerStop, cache: Cache, ste
     """
     t0 = time.perf_counter()
     samples = probe_set([s.count for s in cache.latents.shards], stop.samples, cfg.seed)
-    params = list(model.blocks[stop.block].parameters())
+    params = list(transformer_blocks(model)[stop.block].parameters())  # MM-DiT: the joint block, both streams
     sums = _gradient_sums(model, cfg, stop, cache, rank_share(samples, d.rank, d.world_size), params, step,
                           loss_scale)  # (2, T, P): denoise, align
     if d.distributed:
@@ -108,7 +110,7 @@ def cosines(den: torch.Tensor, align: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.where((na > 0) & (nb > 0), cos, torch.full_like(cos, math.nan)), torch.stack([na, nb])
 
 
-def _gradient_sums(model: SiT, cfg: TrainConfig, stop: TriggerStop, cache: Cache, share: list[ProbeSample],
+def _gradient_sums(model: Network, cfg: TrainConfig, stop: TriggerStop, cache: Cache, share: list[ProbeSample],
                    params: list[torch.nn.Parameter], step: int, loss_scale: float) -> torch.Tensor:
     """This rank's Σᵢ ∇θ L_den,i(t) and Σᵢ ∇θ L_align,i(t) as a (2, T, P) float32 tensor."""
     device = next(model.parameters()).device
@@ -116,9 +118,11 @@ def _gradient_sums(model: SiT, cfg: TrainConfig, stop: TriggerStop, cache: Cache
     sums = torch.zeros(2, len(stop.times), sum(p.numel() for p in params), device=device)
     for lo, batch in zip(range(0, len(share), stop.batch_size), read_batches(cache, share, stop.batch_size)):
         chunk = share[lo:lo + stop.batch_size]
-        x0, noises = _draws(batch["moments"], chunk, cfg.seed, step, len(stop.times), cache)
+        gens = [sample_generator(cfg.seed, step, s.index) for s in chunk]
+        x0, noises = _draws(batch["moments"], gens, len(stop.times), cache)
+        cond = probe_condition(batch, model, gens, device)  # labels, or a caption each (drawn after the noises)
         feat, logits = teacher_targets(batch, cfg, phase, cache, device)
-        inp = StepInputs(x0=x0.to(device), y=batch["label"].to(device), teacher_feat=feat, teacher_logits=logits)
+        inp = StepInputs(x0=x0.to(device), cond=cond, teacher_feat=feat, teacher_logits=logits)
         n = len(chunk)
         for k, t in enumerate(stop.times):
             tt = torch.full((n,), float(t), device=device)
@@ -135,11 +139,10 @@ def _gradient_sums(model: SiT, cfg: TrainConfig, stop: TriggerStop, cache: Cache
     return sums
 
 
-def _draws(moments: torch.Tensor, chunk: list[ProbeSample], seed: int, step: int, num_times: int,
+def _draws(moments: torch.Tensor, gens: list[torch.Generator], num_times: int,
            cache: Cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Posterior samples x₀ (N, C, H, W) and one noise per t, from each sample's own generator (CPU)."""
     mean, std = moments.float().chunk(2, dim=1)  # (N, C, H, W) each
-    gens = [sample_generator(seed, step, s.index) for s in chunk]
     eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens])
     noises = [torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]) for _ in range(num_times)]
     spec = cache.latents.spec

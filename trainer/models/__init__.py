@@ -4,4 +4,6 @@
                     and the helpers both networks share (embedders, sin-cos table, projector)
     mmdit           MM-DiT (text-conditional, SD3 joint attention): ``MMDiT``, ``MMDiTConfig``,
                     ``MMDIT_PRESETS``, ``official_mmdit_config`` (an official T2I checkpoint's args)
+    archs           the table the trainer builds from: ``model.arch`` -> config class, presets, module,
+                    conditioning kind (``build_network``, ``transformer_blocks``)
 """

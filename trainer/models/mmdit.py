@@ -55,8 +55,12 @@ class MMDiTConfig(TransformerShape):
     """Architecture of one MM-DiT. Defaults are the official T2I model at 256 px (SPEC §8).
 
     num_tokens counts image tokens; the text adds context_len more in every joint attention.
+    ``caption_dropout_prob`` is the training-time CFG rate (the official CFGDataset's p_uncond = 0.1:
+    the caption is replaced by the empty caption's encoding); like SiT's class_dropout_prob it is
+    not architecture, the trainer applies it (``trainer/conditioning.py``).
     """
 
+    arch: str = "mmdit"
     depth: int = 24
     hidden_size: int = 768  # the official rule is 32·depth
     num_heads: int = 24  # the official rule is depth (head_dim 32)
@@ -69,10 +73,13 @@ class MMDiTConfig(TransformerShape):
     qkv_bias: bool = True
     projector_dim: int = 2048  # REPA projector hidden width
     z_dim: int = 768  # teacher feature dim (DINOv2-B); 0 = build no projector
+    caption_dropout_prob: float = 0.1  # training: P(caption -> the empty caption's encoding)
 
     def __post_init__(self) -> None:
         self.check(("context_len", "context_dim"), [
+            ("arch", self.arch == "mmdit", "'mmdit' (an MM-DiT config)"),
             ("qkv_bias", isinstance(self.qkv_bias, bool), "a bool"),
+            ("caption_dropout_prob", 0.0 <= self.caption_dropout_prob <= 1.0, "in [0, 1]"),
         ])
 
 

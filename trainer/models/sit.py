@@ -75,6 +75,7 @@ class TransformerShape:
 class ModelConfig(TransformerShape):
     """Architecture of one SiT. Defaults are SiT-XL/2 at 256 px (32×32×4 SD-VAE latents)."""
 
+    arch: str = "sit"  # names the network in saved configs (models/archs.py); absent in older ones = "sit"
     depth: int = 28
     hidden_size: int = 1152
     num_heads: int = 16
@@ -90,6 +91,7 @@ class ModelConfig(TransformerShape):
 
     def __post_init__(self) -> None:
         self.check(("num_classes",), [
+            ("arch", self.arch == "sit", "'sit' (a SiT config)"),
             ("class_dropout_prob", 0.0 <= self.class_dropout_prob <= 1.0, "in [0, 1]"),
         ])
 
