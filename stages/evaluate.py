@@ -216,7 +216,8 @@ def _sample_chunks(cfg: EvalConfig, store: SampleStore, pending: list[int], load
                                    "diverged, or try precision=fp32")
             parts.append(decode_latents(vae, z, scale, bias, rounding=cfg.rounding).permute(0, 2, 3, 1).cpu().numpy())
             bar.update(len(z))
-        store.write_chunk(c, np.concatenate(parts), labels, seeds, prompts)
+        extra = {} if prompts is None else {"prompts": prompts}  # class stores keep the four-array call
+        store.write_chunk(c, np.concatenate(parts), labels, seeds, **extra)
         done += len(idx)
     bar.close()
     return done
