@@ -244,3 +244,21 @@ def test_class_conditional_checkpoint_refuses_prompts(tmp_path: Path) -> None:
     c = load_eval_config(None, (f"checkpoint={path}", "prompts=file:x.txt"))
     assert c.num_samples == 30_000 and load_eval_config(None, (f"checkpoint={path}",)).num_samples == 50_000
     assert load_eval_config(None, (f"checkpoint={path}", "sampler.preset=paper-t2i")).sampler.cfg_scale == 2.25
+
+
+def test_grid_labels_a_row_once_or_each_cell(tmp_path: Path) -> None:
+    from pipeline.metrics.grid import write_grid
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    plain = np.asarray(Image.open(write_grid(images, tmp_path / "plain.png", cols=3)))
+    assert plain.shape == (128, 192, 3) and np.array_equal(plain[64:128, 64:128], images[4])   # no captions: as before
+    sheet = np.asarray(Image.open(write_grid(images, tmp_path / "cap.png", cols=3,
+                                             captions=["cat"] * 3 + ["dog", "owl", "eel"])))
+    band = (sheet.shape[0] - 128) // 2
+    assert band > 0 and np.array_equal(sheet[band:band + 64, :64], images[0])
+    dark = sheet.min(axis=2) < 128
+    row0, row1 = dark[:band], dark[band + 64:2 * band + 64]
+    assert row0[:, :64].any() and not row0[:, 64:].any()                 # one label for the row
+    assert all(row1[:, c * 64:(c + 1) * 64].any() for c in range(3))     # one label per cell
+    with pytest.raises(ValueError, match="captions for"):
+        write_grid(images, tmp_path / "bad.png", captions=["x"])

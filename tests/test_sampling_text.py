@@ -64,6 +64,11 @@ def reference_euler(noise, ctx, null, steps, w, lo, hi):
     return x
 
 
+def _drift(x, t, c):
+    v = toy(x, torch.full((N,), t, dtype=torch.float64), c)
+    return v - 0.5 * (2 * t) * ((-(1 - t) * v - x) / t)
+
+
 def reference_sde(noise, ctx, null, steps, w, seed):
     """Euler–Maruyama with the linear score, guidance on the drift (d is affine in v), one noise draw per step."""
     g, x = torch.Generator().manual_seed(seed), noise.clone()
@@ -71,11 +76,7 @@ def reference_sde(noise, ctx, null, steps, w, seed):
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
 
-        def drift(c):
-            v = toy(x, torch.full((N,), t, dtype=torch.float64), c)
-            return v - 0.5 * (2 * t) * ((-(1 - t) * v - x) / t)
-
-        cond, uncond = drift(ctx), drift(null.unsqueeze(0).repeat(N, 1, 1))
+        cond, uncond = (_drift(x, t, c) for c in (ctx, null.unsqueeze(0).repeat(N, 1, 1)))
         d = uncond + w * (cond - uncond)
         if i < steps - 1:
             x = x + d * dt + math.sqrt(2 * t) * torch.randn(x.shape, generator=g, dtype=torch.float64) * math.sqrt(abs(dt))
