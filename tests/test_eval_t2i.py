@@ -262,3 +262,22 @@ def test_grid_labels_a_row_once_or_each_cell(tmp_path: Path) -> None:
     assert all(row1[:, c * 64:(c + 1) * 64].any() for c in range(3))     # one label per cell
     with pytest.raises(ValueError, match="captions for"):
         write_grid(images, tmp_path / "bad.png", captions=["x"])
+
+
+def test_cli_errors_are_one_line_before_sampling(export: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from stages.cli import main as cli
+
+    def invoke(*sets: str):
+        base = [f"checkpoint={export}", f"out={tmp_path / 'e'}", "device=cpu", "compute=false", "vae=random:tiny",
+                "num_samples=2", *SAMPLER, *sets]
+        return CliRunner().invoke(cli, ["eval", *[a for s in base for a in ("--set", s)]])
+
+    for sets, message in ((["prompts=file:/nonexistent/prompts.txt"], "prompt file /nonexistent/prompts.txt"),
+                          ([f"prompts=file:{export.parent.parent / 'prompts.txt'}",
+                            "text_encoder=openai/clip-vit-large-patch14"], "openai/clip-vit-large-patch14")):
+        result = invoke(*sets)
+        lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+        assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
+        assert "Traceback" not in result.output and not (tmp_path / "e" / "samples.zarr").exists()
