@@ -1,7 +1,12 @@
-"""Stage 3: sample a trained SiT into a resumable zarr store, export, and compute metrics.
+"""Stage 3: sample a trained SiT (or text-to-image MM-DiT) into a resumable zarr store, export, and score.
 
     haste eval --config configs/imagenet-haste-sit-xl.yaml --set checkpoint=runs/xl/checkpoints/ema-4000000.pt
     torchrun --nproc-per-node 8 -m stages.cli eval ...      # ranks split the chunks
+    haste eval --set checkpoint=0250000.pt --set prompts=coco:/data/coco/val2014 --set sampler.preset=paper-t2i
+
+Text-to-image (``prompts`` set; ``stages.eval_text``): image i is sampled from prompt i with CFG
+against the empty-caption encoding; the prompts are stored beside the images (``samples.zarr``
+``prompts``, ``samples.npz`` ``arr_1``) and label the grid; metrics add the CLIP score.
 
 Outputs under ``out`` (default ``<run_dir>/eval/<tag>``): ``samples.zarr`` (the store, see
 pipeline/metrics/sample_store.py), ``samples.npz`` (ADM evaluator layout), ``grid.png`` and
@@ -41,19 +46,24 @@ from pipeline.metrics.scores import (
     preflight,
     summary_line,
 )
+from stages.eval_text import TextSide, caption_reference, clip_tokenizer, is_caption_source, prepare_text
 from trainer import checkpoint
 from trainer.generate import LoadedModel, generate_latents, image_labels, image_seeds, load_model
+from trainer.models.mmdit import MMDiTConfig
 from trainer.models.sit import ModelConfig
 from trainer.sampling import SamplerConfig
 
 log = logging.getLogger(__name__)
 
 # The paper's evaluation (SPEC §5.3, Table 15): SDE Euler–Maruyama, 250 steps; with CFG 1.65 on t ∈ [0, 0.72].
+# Text-to-image (SPEC §8, HASTE README generate_t2i.py): SDE 250 steps, CFG 2.25 on all of [0, 1].
 SAMPLER_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(mode="sde", num_steps=250, cfg_scale=1.0),
     "paper-cfg": dict(mode="sde", num_steps=250, cfg_scale=1.65, guidance_low=0.0, guidance_high=0.72),
+    "paper-t2i": dict(mode="sde", num_steps=250, cfg_scale=2.25, guidance_low=0.0, guidance_high=1.0),
     "ode-heun-50": dict(mode="ode", num_steps=50, heun=True, cfg_scale=1.0),
 }
+DEFAULT_SAMPLES = {"class": 50_000, "text": 30_000}  # ADM's ImageNet protocol; U-ViT's COCO protocol
 SD_VAE_SCALE = 0.18215
 
 
@@ -61,9 +71,14 @@ SD_VAE_SCALE = 0.18215
 class EvalConfig:
     checkpoint: str | None = None      # ema-*.pt / step-*.pt / an official HASTE or REPA .pt; or
     run_dir: str | None = None         # a training run: its newest complete checkpoint's EMA export
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (+ `preset`) for official files
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig/MMDiTConfig fields (+ `preset`), official files
     out: str | None = None             # default: <run_dir>/eval/<tag> (<checkpoint dir>/../eval/<tag>)
-    num_samples: int = 50_000
+    num_samples: int | None = None     # default 50,000 (ImageNet, ADM); 30,000 with prompts (COCO, U-ViT)
+    # Text-to-image (MM-DiT): prompt of image i = entry i (mod the count) of a caption source or prompt file
+    prompts: str | None = None         # coco:<root>/val2014 | file:<prompts.txt> | captions:<dir|tars> | synthetic-captions:<n>
+    caption: Literal["random", "first"] = "random"   # which caption of an image: seeded per image (official: random)
+    text_encoder: str | None = None    # default: the checkpoint's record, else openai/clip-vit-large-patch14
+    text_precision: Literal["fp32", "bf16"] = "fp32"  # U-ViT encodes in fp32
     batch_size: int = 64               # images per model call on each rank (free to change on resume)
     chunk_size: int = 256              # images per zarr chunk: the unit of resume and of the rank split
     seed: int = 0
@@ -86,9 +101,11 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check((self.checkpoint is None) != (self.run_dir is None), "checkpoint",
               "give exactly one of 'checkpoint' (a .pt file) or 'run_dir' (a training run)")
-        known = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
+        known = {f.name for c in (ModelConfig, MMDiTConfig) for f in dataclasses.fields(c)} | {"preset"}
         bad = sorted(set(self.model) - known) if isinstance(self.model, dict) else ["(not a mapping)"]
-        check(not bad, "model", f"unknown ModelConfig field(s) {bad}; known: {sorted(known)}")
+        check(not bad, "model", f"unknown ModelConfig/MMDiTConfig field(s) {bad}; known: {sorted(known)}")
+        if self.num_samples is None:
+            object.__setattr__(self, "num_samples", DEFAULT_SAMPLES["text" if self.prompts else "class"])
         check(self.num_samples >= 1, "num_samples", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
@@ -127,20 +144,22 @@ def resolve_checkpoint(cfg: EvalConfig) -> Path:
     return ema if ema.is_file() else ckpts[-1]
 
 
-def sample_tag(cfg: EvalConfig) -> str:
-    """A directory name that tells sample sets apart: sampler, steps, guidance, seed, count."""
+def sample_tag(cfg: EvalConfig, prompts_sha256: str | None = None) -> str:
+    """A directory name that tells sample sets apart: sampler, steps, guidance, seed, count (prompts)."""
     s = cfg.sampler
     mode = f"{s.mode}{'-heun' if s.heun else ''}-{s.num_steps}"
     guide = f"cfg{s.cfg_scale:g}" + (f"-{s.guidance_low:g}-{s.guidance_high:g}" if s.cfg_scale > 1 else "")
-    return f"{mode}-{guide}-seed{cfg.seed}-n{cfg.num_samples}"
+    prompts = f"-p{prompts_sha256[:8]}" if prompts_sha256 else ""
+    return f"{mode}-{guide}-seed{cfg.seed}-n{cfg.num_samples}{prompts}"
 
 
-def output_dir(cfg: EvalConfig, ckpt: Path, step: int | None) -> Path:
+def output_dir(cfg: EvalConfig, ckpt: Path, step: int | None, prompts_sha256: str | None = None) -> Path:
     if cfg.out is not None:
         return Path(cfg.out)
+    tag = sample_tag(cfg, prompts_sha256)
     if cfg.run_dir:
-        return Path(cfg.run_dir) / "eval" / ((f"step-{step:07d}-" if step is not None else "") + sample_tag(cfg))
-    return ckpt.parent.parent / "eval" / f"{ckpt.stem}-{sample_tag(cfg)}"  # two files of one step never collide
+        return Path(cfg.run_dir) / "eval" / ((f"step-{step:07d}-" if step is not None else "") + tag)
+    return ckpt.parent.parent / "eval" / f"{ckpt.stem}-{tag}"  # two files of one step never collide
 
 
 def decoding(cfg: EvalConfig, loaded: LoadedModel) -> tuple[str, int, float, float]:
@@ -173,27 +192,32 @@ def _sum_over_ranks(n: int, d: dist.DistInfo) -> int:
 
 
 def _sample_chunks(cfg: EvalConfig, store: SampleStore, pending: list[int], loaded: LoadedModel, vae, scale: float,
-                   bias: float, d: dist.DistInfo) -> int:
+                   bias: float, d: dist.DistInfo, text: TextSide | None = None) -> int:
     """Fill this rank's missing chunks; returns how many images it sampled."""
-    num_classes = loaded.model.cfg.num_classes
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
     done = 0
     bar = tqdm(total=sum(len(store.chunk_range(c)) for c in pending), unit="img", desc="sample",
                disable=not d.is_main, dynamic_ncols=True)
     for c in pending:
         idx = np.asarray(store.chunk_range(c))
-        seeds, labels = image_seeds(cfg.seed, idx), image_labels(cfg.seed, idx, num_classes, cfg.labels)
+        seeds, prompts, null = image_seeds(cfg.seed, idx), None, None
+        if text is None:
+            labels = cond = image_labels(cfg.seed, idx, loaded.model.cfg.num_classes, cfg.labels)
+        else:  # the label column holds the prompt's entry; the condition is its encoding
+            labels, prompts, null = text.entries[idx], [text.prompts[i] for i in idx], text.null
+            cond = text.contexts(idx, cfg.batch_size)
         parts = []
         for b in range(0, len(idx), cfg.batch_size):
             sl = slice(b, b + cfg.batch_size)
             with autocast:
-                z = generate_latents(loaded.model, seeds[sl], labels[sl], cfg.sampler)
+                z = generate_latents(loaded.model, seeds[sl], cond[sl], cfg.sampler, null_cond=null)
             if not bool(torch.isfinite(z).all()):  # uint8 would turn NaN into silent black images
                 raise RuntimeError(f"non-finite latents among images {idx[sl][0]}..{idx[sl][-1]}: the checkpoint "
                                    "diverged, or try precision=fp32")
             parts.append(decode_latents(vae, z, scale, bias, rounding=cfg.rounding).permute(0, 2, 3, 1).cpu().numpy())
             bar.update(len(z))
-        store.write_chunk(c, np.concatenate(parts), labels, seeds)
+        extra = {} if prompts is None else {"prompts": prompts}  # class stores keep the four-array call
+        store.write_chunk(c, np.concatenate(parts), labels, seeds, **extra)
         done += len(idx)
     bar.close()
     return done
@@ -207,18 +231,21 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     torch.backends.cudnn.allow_tf32 = cfg.tf32
     ckpt = resolve_checkpoint(cfg)
     loaded = load_model(ckpt, overrides=cfg.model, device=d.device)
+    text = prepare_text(cfg, loaded, d.device) if loaded.conditioning == "text" or cfg.prompts else None
     vae_name, vae_seed, scale, bias = decoding(cfg, loaded)
     m = loaded.model.cfg
     side = m.input_size * 8
-    out = output_dir(cfg, ckpt, loaded.step)
     meta = store_meta(cfg, ckpt, loaded, (vae_name, vae_seed, scale, bias))
+    if text is not None:
+        meta.update(text.meta(cfg.caption))
+    out = output_dir(cfg, ckpt, loaded.step, meta["prompts"]["sha256"] if text else None)
+    layout = dict(num_samples=cfg.num_samples, chunk=cfg.chunk_size, shape=(side, side, 3), meta=meta,
+                  prompt_width=text.width if text else None)
     if d.is_main:  # rank 0 creates (or validates and cleans) the store; the others open it after the barrier
         _remove_temps(out)
-        open_store(out / "samples.zarr", num_samples=cfg.num_samples, chunk=cfg.chunk_size, shape=(side, side, 3),
-                   meta=meta, clean=True)
+        open_store(out / "samples.zarr", **layout, clean=True)
     dist.barrier()
-    store = open_store(out / "samples.zarr", num_samples=cfg.num_samples, chunk=cfg.chunk_size,
-                       shape=(side, side, 3), meta=meta, create=False)
+    store = open_store(out / "samples.zarr", **layout, create=False)
     pending = store.pending(d.rank, d.world_size)
     dist.barrier()  # every rank has read the same done flags before any rank writes one
     t0 = time.perf_counter()
@@ -226,7 +253,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if pending:
         vae = load_vae(vae_name, seed=vae_seed, device=d.device)[0]
         log.info("sampling %d images (%s, NFE %d) into %s", cfg.num_samples, sample_tag(cfg), cfg.sampler.nfe, out)
-        sampled = _sample_chunks(cfg, store, pending, loaded, vae, scale, bias, d)
+        sampled = _sample_chunks(cfg, store, pending, loaded, vae, scale, bias, d, text)
     seconds = time.perf_counter() - t0
     sampled = _sum_over_ranks(sampled, d)
     dist.barrier()
@@ -235,7 +262,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if not d.is_main:
         return {}
     store.check_complete()
-    return _finish(cfg, store, out, ckpt, loaded, sampled, seconds, checked)
+    return _finish(cfg, store, out, ckpt, loaded, sampled, seconds, checked, text)
 
 
 def _metrics_preflight(cfg: EvalConfig, d: dist.DistInfo) -> Preflight | None:
@@ -249,7 +276,9 @@ def _metrics_preflight(cfg: EvalConfig, d: dist.DistInfo) -> Preflight | None:
             synthetic = bool(ref and ref.startswith("synthetic:"))
             if synthetic:  # generated after sampling; only its spec is checked now
                 parse_synthetic(ref)
-            checked = preflight(cfg.metrics, with_reference=not synthetic)
+            if is_caption_source(ref):  # read after sampling; its listing (annotations) is checked now
+                caption_reference(ref, 8)
+            checked = preflight(cfg.metrics, with_reference=not (synthetic or is_caption_source(ref)))
         except Exception as e:  # noqa: BLE001 - re-raised below; the other ranks must not wait for rank 0 forever
             error = e
     if _sum_over_ranks(int(error is not None), d):
@@ -267,9 +296,11 @@ def _remove_temps(out: Path) -> None:
 
 
 def _finish(cfg: EvalConfig, store: SampleStore, out: Path, ckpt: Path, loaded: LoadedModel, sampled: int,
-            seconds: float, checked: Preflight | None) -> dict[str, Any]:
+            seconds: float, checked: Preflight | None, text: TextSide | None = None) -> dict[str, Any]:
     """Rank 0: grid, npz, metrics.json; the summary line is in the result (the CLI prints it once)."""
-    grid = write_grid(store.images[:min(cfg.grid_count, store.num_samples)], out / "grid.png") \
+    n_grid = min(cfg.grid_count, store.num_samples)
+    prompts = [str(p) for p in store.prompts[:]] if store.prompts is not None else None
+    grid = write_grid(store.images[:n_grid], out / "grid.png", captions=prompts[:n_grid] if prompts else None) \
         if cfg.grid_count else None
     npz = out / "samples.npz" if cfg.npz else None
     if npz is not None and not (sampled == 0 and npz_matches(store, npz)):  # 9.8 GB: rewritten only when stale
@@ -277,7 +308,9 @@ def _finish(cfg: EvalConfig, store: SampleStore, out: Path, ckpt: Path, loaded: 
     result: dict[str, Any] = {
         "out": str(out), "checkpoint": str(ckpt), "checkpoint_source": loaded.source, "step": loaded.step,
         "num_samples": store.num_samples, "sampler": configs.to_dict(cfg.sampler), "nfe": cfg.sampler.nfe,
-        "seed": cfg.seed, "labels": cfg.labels, "store": str(store.path), "grid": str(grid) if grid else None,
+        "seed": cfg.seed, "store": str(store.path), "grid": str(grid) if grid else None,
+        **({"conditioning": "text", "prompts": cfg.prompts, "caption": cfg.caption, "text_null": text.null_from}
+           if text else {"labels": cfg.labels}),
         "npz": str(npz) if npz else None,
         "sampling": {"images": sampled, "seconds": round(seconds, 2),
                      "images_per_s": round(sampled / seconds, 3) if sampled else None},
@@ -289,7 +322,10 @@ def _finish(cfg: EvalConfig, store: SampleStore, out: Path, ckpt: Path, loaded: 
             ref = synthetic_reference(mcfg.reference, loaded.model.cfg.num_classes, store.images.shape[1], out)
             mcfg = dataclasses.replace(mcfg, reference=str(ref))
             checked = dataclasses.replace(checked, reference=load_reference(ref))
-        metrics = compute_metrics(store.images, mcfg, progress=True, checked=checked)
+        elif is_caption_source(mcfg.reference):
+            checked = dataclasses.replace(checked, reference=caption_reference(mcfg.reference, store.images.shape[1]))
+        metrics = compute_metrics(store.images, mcfg, progress=True, checked=checked, prompts=prompts,
+                                  clip_tokenizer=clip_tokenizer(mcfg.clip_model))
         result["metrics"] = metrics
         result["summary"] = summary_line(metrics)
     atomic_write_json(out / "metrics.json", result)

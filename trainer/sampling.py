@@ -9,6 +9,11 @@ Conventions (as upstream): t = 1 is noise and t = 0 is data; the time grid and t
 float64; the closure is called with x and t cast to the dtype of `noise`; samplers return the
 float64 state (callers cast, as `generate.py` does with `.to(torch.float32)`).
 
+Conditioning: `y` is whatever the closure takes as its third argument, with one row per sample:
+class labels (N,) with `null_label` as the unconditional class (`samplers.py`), or text contexts
+(N, L, D) with `null_cond` = the empty-caption encoding (L, D) as the unconditional context
+(`samplers_t2i.py`, which passes `y_null`). Under guidance the closure sees [y; null] either way.
+
 Function evaluations (NFE; a CFG-doubled batch counts once):
     euler_sampler           num_steps           (heun=False)
     euler_sampler           2·num_steps − 1     (heun=True: no corrector on the last step)
@@ -27,7 +32,7 @@ from torch import Tensor
 
 from trainer.objectives import Path, path_coefficients
 
-VelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x (N,C,H,W), t (N,), y (N,)) -> v
+VelocityFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x (N,C,H,W), t (N,), y (N,) or (N,L,D)) -> v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,11 +143,30 @@ def score_from_velocity(v: Tensor, x: Tensor, t: Tensor, path: Path = "linear") 
     return (ratio * v - x) / var
 
 
-def _check_inputs(noise: Tensor, y: Tensor, num_steps: int) -> None:
+def _check_inputs(noise: Tensor, y: Tensor, num_steps: int, null_label: int | None) -> None:
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if y.ndim != 1 or y.shape[0] != noise.shape[0]:
+    if null_label is not None and (y.ndim != 1 or y.shape[0] != noise.shape[0]):
         raise ValueError(f"y must have shape ({noise.shape[0]},), got {tuple(y.shape)}")
+    if null_label is None and (y.ndim < 1 or y.shape[0] != noise.shape[0]):
+        raise ValueError(f"the condition must have one row per sample ({noise.shape[0]}), got shape {tuple(y.shape)}")
+
+
+def null_batch(y: Tensor, null_label: int | None = None, null_cond: Tensor | None = None) -> Tensor:
+    """The unconditional rows matching `y`: the null class (labels) or the null condition (e.g. the
+    empty-caption encoding, given once as y.shape[1:] or per row as y.shape)."""
+    if (null_label is None) == (null_cond is None):
+        raise ValueError("give exactly one of null_label (class labels) or null_cond (e.g. the empty-caption "
+                         "encoding for text contexts)")
+    if null_cond is None:
+        return torch.full_like(y, null_label)
+    null = null_cond.to(device=y.device, dtype=y.dtype)
+    if tuple(null.shape) == tuple(y.shape[1:]):
+        null = null.unsqueeze(0).expand_as(y)  # one null for every row (the official `y_null.repeat`)
+    if tuple(null.shape) != tuple(y.shape):
+        raise ValueError(f"null_cond has shape {tuple(null_cond.shape)}; expected {tuple(y.shape[1:])} or "
+                         f"{tuple(y.shape)} for a condition of shape {tuple(y.shape)}")
+    return null
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,16 +184,18 @@ def euler_sampler(
     cfg_scale: float = 1.0,
     guidance_low: float = 0.0,
     guidance_high: float = 1.0,
-    null_label: int,
+    null_label: int | None = None,
+    null_cond: Tensor | None = None,
 ) -> Tensor:
     """Euler (or Heun) ODE from t = 1 to 0 on linspace(1, 0, num_steps+1); returns float64 x₀.
 
     Port of `samplers.py` `euler_sampler` (L46–102; SPEC §5.1): x ← x + (t_next − t_cur)·v,
     and with heun a trapezoid correction with v at t_next on every step but the last, which
-    reuses the t_cur guidance test. NFE = num_steps, or 2·num_steps − 1 with heun.
+    reuses the t_cur guidance test. NFE = num_steps, or 2·num_steps − 1 with heun. The
+    unconditional branch is `null_label` (class labels) or `null_cond` (text: the empty caption).
     """
-    _check_inputs(noise, y, num_steps)
-    dtype, y_null = noise.dtype, torch.full_like(y, null_label)
+    _check_inputs(noise, y, num_steps, null_label)
+    dtype, y_null = noise.dtype, null_batch(y, null_label, null_cond)
     t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     x_next = noise.to(torch.float64)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -220,7 +246,8 @@ def euler_maruyama_sampler(
     cfg_scale: float = 1.0,
     guidance_low: float = 0.0,
     guidance_high: float = 1.0,
-    null_label: int,
+    null_label: int | None = None,
+    null_cond: Tensor | None = None,
     path: Path = "linear",
     last_step: float = 0.04,
     generator: torch.Generator | PerSampleNoise | None = None,
@@ -231,11 +258,12 @@ def euler_maruyama_sampler(
     num_steps − 1 steps do x ← x + d·dt + √w·√|dt|·ε, the last step (last_step → 0) is the
     deterministic x ← x + dt·d. NFE = num_steps. ε is float64 and comes from `generator`
     (upstream uses the global RNG); a `PerSampleNoise` makes every row depend on its own seed.
+    The unconditional branch is `null_label` or `null_cond`, as in `euler_sampler`.
     """
-    _check_inputs(noise, y, num_steps)
+    _check_inputs(noise, y, num_steps, null_label)
     if not 0.0 < last_step < 1.0:
         raise ValueError(f"last_step must be in (0, 1), got {last_step}")
-    dtype, y_null = noise.dtype, torch.full_like(y, null_label)
+    dtype, y_null = noise.dtype, null_batch(y, null_label, null_cond)
     t_steps = torch.linspace(1.0, last_step, num_steps, dtype=torch.float64).tolist() + [0.0]
     x = noise.to(torch.float64)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -298,23 +326,23 @@ def sample(
     y: Tensor,
     cfg: SamplerConfig,
     *,
-    null_label: int,
+    null_label: int | None = None,
+    null_cond: Tensor | None = None,
     generator: torch.Generator | PerSampleNoise | None = None,
 ) -> Tensor:
-    """Run the sampler `cfg` selects; noise (N, C, H, W), labels y (N,) → float64 x₀."""
-    guidance = dict(cfg_scale=cfg.cfg_scale, guidance_low=cfg.guidance_low, guidance_high=cfg.guidance_high)
+    """Run the sampler `cfg` selects; noise (N, C, H, W), labels y (N,) with `null_label`, or
+    contexts y (N, L, D) with `null_cond` (L, D) → float64 x₀."""
+    common = dict(cfg_scale=cfg.cfg_scale, guidance_low=cfg.guidance_low, guidance_high=cfg.guidance_high,
+                  null_label=null_label, null_cond=null_cond)
     if cfg.mode == "ode":
-        return euler_sampler(
-            fn, noise, y, num_steps=cfg.num_steps, heun=cfg.heun, null_label=null_label, **guidance
-        )
+        return euler_sampler(fn, noise, y, num_steps=cfg.num_steps, heun=cfg.heun, **common)
     return euler_maruyama_sampler(
         fn,
         noise,
         y,
         num_steps=cfg.num_steps,
-        null_label=null_label,
         path=cfg.path,
         last_step=cfg.last_step,
         generator=generator,
-        **guidance,
+        **common,
     )

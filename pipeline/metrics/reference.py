@@ -45,7 +45,12 @@ class Reference:
         return 0 if self.images is None else len(self.images)
 
     def cache_key(self) -> str:
-        """File name + a hash of path, size and mtime of every file behind the reference."""
+        """File name + a hash of path, size and mtime of every file behind the reference (or the
+        identity a reference Dataset gives itself through its own ``identity()``)."""
+        own = getattr(self.images, "identity", None)
+        if callable(own):  # e.g. the eval stage's crops of a caption source (no file per image)
+            digest = hashlib.sha256(str(own()).encode()).hexdigest()[:16]
+            return f"{re.sub(r'[^A-Za-z0-9._-]', '_', self.name)}-{digest}"
         files = getattr(self.images, "files", None) or [self.path]   # an image folder lists its files
         h = hashlib.sha256()
         for f in files:

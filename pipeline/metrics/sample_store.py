@@ -2,9 +2,11 @@
 
     samples.zarr/                  zarr format 2 (.zgroup/.zarray/.zattrs), no compressor, no filters
       images  uint8  (N, H, W, 3)  chunks (chunk, H, W, 3) (sampled pixels barely compress)
-      labels  int64  (N,)          class of each image
+      labels  int64  (N,)          class of each image (text-to-image: the prompt entry it came from)
       seeds   uint32 (N,)          the per-image seed its noise came from
-      done    uint8  (num_chunks,) chunk size 1: 1 once a chunk's images, labels and seeds are written
+      prompts <U{w}  (N,)          text-to-image only: each image's prompt (fixed width w = the longest
+                                   prompt of the set, UTF-32 code points; "" = not written)
+      done    uint8  (num_chunks,) chunk size 1: 1 once a chunk's images, labels, seeds (prompts) are written
       attrs["haste"]               what produced the store (checkpoint, sampler, seed, ...)
 
 Format 2 because zarr-python 2 cannot open format 3 (``GroupNotFoundError``) while zarr 3 reads
@@ -32,6 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.metrics.grid import write_grid
+
+__all__ = ["SampleStore", "SampleStoreError", "export_npz", "npz_matches", "open_store", "write_grid"]
+
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +48,7 @@ class SampleStoreError(ValueError):
 # What an array of a store may be: our dtypes, and codecs that only transform bytes. Checked before
 # any chunk is read, because a zarr store can name numcodecs' ``pickle`` codec (or any other).
 ARRAY_DTYPES = {"images": np.uint8, "labels": np.int64, "seeds": np.uint32, "done": np.uint8}
+PROMPTS = "prompts"  # optional array: fixed-width unicode, checked like the others
 SAFE_CODECS = frozenset({"bytes", "zstd", "blosc", "gzip", "zlib", "lz4", "bz2", "crc32c", "transpose"})
 
 
@@ -53,20 +60,27 @@ def _codec_names(arr: Any) -> list[str]:
     return [c.to_dict()["name"] for c in meta.codecs]
 
 
+def _has_array(path: Path, name: str) -> bool:
+    return (path / name / ".zarray").is_file() or (path / name / "zarr.json").is_file()
+
+
 def check_arrays(path: Path, group: Any) -> None:
     """Refuse a store whose arrays are missing, of another dtype, or encoded with a non-data codec."""
     not_ours = "not a sample store written by haste eval (use another output directory)"
-    for name, dtype in ARRAY_DTYPES.items():
-        if not ((path / name / ".zarray").is_file() or (path / name / "zarr.json").is_file()):
+    optional = [PROMPTS] if _has_array(path, PROMPTS) else []
+    for name in [*ARRAY_DTYPES, *optional]:
+        if not _has_array(path, name):
             raise SampleStoreError(f"{path}: no '{name}' array; {not_ours}")
         try:
             arr = group[name]
             bad = [c for c in _codec_names(arr) if c not in SAFE_CODECS]
-        except (ValueError, KeyError, TypeError) as e:  # metadata zarr itself cannot interpret
+            dtype_ok = arr.dtype.kind == "U" if name == PROMPTS else arr.dtype == ARRAY_DTYPES[name]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # metadata zarr itself cannot interpret
             raise SampleStoreError(f"{path}/{name}: unusable metadata ({e}); {not_ours}") from None
-        if arr.dtype != dtype or bad:
+        if not dtype_ok or bad:
+            want = "fixed-width unicode" if name == PROMPTS else np.dtype(ARRAY_DTYPES[name])
             raise SampleStoreError(f"{path}/{name}: dtype {arr.dtype}, codecs {bad or 'plain'} (expected "
-                                   f"{np.dtype(dtype)}, plain codecs only); {not_ours}")
+                                   f"{want}, plain codecs only); {not_ours}")
 
 
 class SampleStore:
@@ -75,6 +89,7 @@ class SampleStore:
         check_arrays(self.path, group)  # before any chunk is decoded
         self.images, self.labels = group["images"], group["labels"]
         self.seeds, self.done = group["seeds"], group["done"]
+        self.prompts = group[PROMPTS] if _has_array(self.path, PROMPTS) else None  # text-to-image stores
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -106,33 +121,49 @@ class SampleStore:
     def is_complete(self) -> bool:
         return bool(self.completed().all())
 
+    def _unlabeled(self) -> np.ndarray:
+        """Rows whose label (or prompt) reads as the fill value: never written, or lost in a crash."""
+        missing = np.asarray(self.labels[:]) < 0
+        if self.prompts is not None:
+            missing |= np.asarray(self.prompts[:]) == ""
+        return missing
+
     def reopen_unlabeled(self) -> None:
-        """A done chunk whose labels read as the fill value lost data in a crash: sample it again."""
-        labels, done = np.asarray(self.labels[:]), self.completed()
+        """A done chunk whose labels (prompts) read as the fill value lost data in a crash: sample it again."""
+        missing, done = self._unlabeled(), self.completed()
         for c in np.flatnonzero(done):
             rows = self.chunk_range(int(c))
-            if (labels[rows.start:rows.stop] < 0).any():
+            if missing[rows.start:rows.stop].any():
                 log.warning("%s: chunk %d is flagged done but its labels are missing; it will be sampled again",
                             self.path, c)
                 self.done[int(c)] = 0
 
     def check_complete(self) -> None:
-        """Every flag set and every label written (labels are filled with -1): else name the chunks."""
+        """Every flag set and every label (prompt) written (fill values -1, ""): else name the chunks."""
         missing = np.flatnonzero(~self.completed())
-        unlabeled = np.flatnonzero(np.asarray(self.labels[:]) < 0)
+        unlabeled = np.flatnonzero(self._unlabeled())
         if len(missing) or len(unlabeled):
             raise SampleStoreError(f"{self.path}: chunks {missing[:8].tolist()} not done, images "
                                    f"{unlabeled[:8].tolist()} without labels; rerun the same command to finish")
 
-    def write_chunk(self, c: int, images: np.ndarray, labels: np.ndarray, seeds: np.ndarray) -> None:
+    def write_chunk(self, c: int, images: np.ndarray, labels: np.ndarray, seeds: np.ndarray,
+                    prompts: list[str] | None = None) -> None:
         rows = self.chunk_range(c)
         if images.shape != (len(rows), *self.images.shape[1:]) or images.dtype != np.uint8:
             raise SampleStoreError(f"chunk {c} needs uint8 images {(len(rows), *self.images.shape[1:])}, "
                                    f"got {images.dtype} {images.shape}")
+        if (prompts is None) != (self.prompts is None) or (prompts is not None and len(prompts) != len(rows)):
+            raise SampleStoreError(f"chunk {c}: the store {'holds' if self.prompts is not None else 'has no'} "
+                                   f"prompts; got {'none' if prompts is None else len(prompts)}")
         sl = slice(rows.start, rows.stop)
         self.images[sl] = images
         self.labels[sl] = labels
         self.seeds[sl] = seeds
+        if prompts is not None:
+            width = self.prompts.dtype.itemsize // 4
+            if any(len(p) > width or not p for p in prompts):  # numpy would cut a longer one silently
+                raise SampleStoreError(f"chunk {c}: prompts must be 1 to {width} characters (the store's width)")
+            self.prompts[sl] = np.asarray(prompts, dtype=self.prompts.dtype)
         os.sync()  # zarr renames but never fsyncs: after a node crash a flag must not outlive its data
         self.done[c] = 1  # last: marks the chunk complete
 
@@ -147,12 +178,14 @@ def meta_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, 
 
 
 def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[int, int, int],  # chunk: new stores
-               meta: dict[str, Any], create: bool = True, clean: bool = False) -> SampleStore:
+               meta: dict[str, Any], create: bool = True, clean: bool = False,
+               prompt_width: int | None = None) -> SampleStore:
     """Open (or create) the store at ``path``; an existing store must have been made with ``meta``.
 
     ``meta`` is plain JSON data describing everything that determines the pixels (checkpoint,
-    sampler settings, seed, label mode, ...). A store from other settings is refused, naming the
-    fields, rather than silently mixing two sample sets in one FID.
+    sampler settings, seed, label mode, prompts, ...). A store from other settings is refused, naming
+    the fields, rather than silently mixing two sample sets in one FID. ``prompt_width`` (text-to-image:
+    the longest prompt, in code points) adds the ``prompts`` array to a new store.
     """
     import zarr
 
@@ -169,6 +202,10 @@ def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[i
             raise SampleStoreError(f"sample store {path} was made with other settings:\n{lines}\n"
                                    "Use another output directory, or restore these values.")
         store = SampleStore(path, group)
+        if (prompt_width is not None) != (store.prompts is not None):
+            raise SampleStoreError(f"sample store {path} {'has no' if store.prompts is None else 'has'} prompts; "
+                                   "this run is " + ("text" if prompt_width is not None else "class") +
+                                   "-conditional. Use another output directory.")
         if (path / "zarr.json").is_file():
             log.info("%s is zarr format 3 (written by an earlier version): zarr-python >= 3 reads it, zarr 2 "
                      "cannot; delete it to have it written again in format 2", path)
@@ -188,6 +225,9 @@ def open_store(path: str | Path, *, num_samples: int, chunk: int, shape: tuple[i
                        fill_value=0, **plain)
     group.create_array("labels", shape=(num_samples,), chunks=(chunk,), dtype="int64", fill_value=-1, **plain)
     group.create_array("seeds", shape=(num_samples,), chunks=(chunk,), dtype="uint32", fill_value=0, **plain)
+    if prompt_width is not None:  # fixed-width unicode: raw UTF-32 chunk bytes, no object codec
+        group.create_array(PROMPTS, shape=(num_samples,), chunks=(chunk,), dtype=f"<U{max(1, prompt_width)}",
+                           fill_value="", **plain)
     group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, **plain)
     group.attrs["haste"] = meta  # written last: a store without it is not ours (and is rewritten)
     return SampleStore(path, group)
@@ -211,7 +251,9 @@ def _remove_partials(path: Path) -> None:
 
 
 def export_npz(store: SampleStore, out: Path) -> Path:
-    """The ADM evaluator's sample batch: ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` int64 labels.
+    """The ADM evaluator's sample batch: ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` int64 labels, or for a
+    text-to-image store the prompts (fixed-width unicode ``<U{w}``: ``np.load`` reads it with
+    ``allow_pickle=False``; ADM's evaluator reads ``arr_0`` only).
 
     Streamed chunk by chunk into an uncompressed zip (what ``np.savez`` writes), so 50K images
     (9.8 GB) never sit in memory; written to a temp name and renamed. The zip members carry a
@@ -227,7 +269,9 @@ def export_npz(store: SampleStore, out: Path) -> Path:
                 for images, _ in store.iter_chunks():
                     f.write(np.ascontiguousarray(images).tobytes())
             buf = io.BytesIO()
-            np.save(buf, np.asarray(store.labels[:], dtype=np.int64))
+            second = np.asarray(store.prompts[:]) if store.prompts is not None else \
+                np.asarray(store.labels[:], dtype=np.int64)
+            np.save(buf, second, allow_pickle=False)
             zf.writestr(zip_member("arr_1.npy"), buf.getvalue())
         os.replace(tmp, out)
     except BaseException:
@@ -248,30 +292,21 @@ def zip_member(name: str) -> zipfile.ZipInfo:
 
 
 def npz_matches(store: SampleStore, path: Path) -> bool:
-    """Whether ``path`` is an export of this store's shape (its header only; nothing else is read)."""
+    """Whether ``path`` is an export of this store's shape (the array headers only; no data is read)."""
     try:
-        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(f)
+        with zipfile.ZipFile(path) as zf:
+            shape, dtype = _npy_header(zf, "arr_0.npy")
+            shape1, dtype1 = _npy_header(zf, "arr_1.npy")
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return False
-    return shape == (store.num_samples, *store.images.shape[1:]) and dtype == np.uint8
+    second = store.prompts.dtype if store.prompts is not None else np.dtype(np.int64)
+    return shape == (store.num_samples, *store.images.shape[1:]) and dtype == np.uint8 and \
+        shape1 == (store.num_samples,) and dtype1 == second
 
 
-def write_grid(images: np.ndarray, path: Path, cols: int | None = None) -> Path:
-    """A PNG contact sheet of uint8 (N, H, W, 3) images, row-major."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+def _npy_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
+    with zf.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return shape, dtype

@@ -10,7 +10,8 @@ that reproduces ADM-evaluator numbers without TensorFlow (SPEC §10):
     (the extractor does TF1 bilinear to 299 itself), Fréchet distance in float64 against the
     reference npz's ``mu``/``sigma`` (``scipy.linalg.sqrtm``, ADM's eps/real-part handling);
   * IS from ``logits_unbiased`` in ``is_splits`` consecutive, unshuffled splits;
-  * precision/recall (k = 3) and KID against the reference images (``arr_0``).
+  * precision/recall (k = 3) and KID against the reference images (``arr_0``);
+  * text-to-image: CLIP score of each sample against its prompt (``clip_score``, defined there).
 
 Each extractor runs once over the samples (and once over the reference images); every metric
 reads the same feature dict. Usage::
@@ -42,6 +43,13 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 from pipeline.configs import check
+from pipeline.metrics.clip_score import (
+    DEFAULT_CLIP,
+    clip_score_summary,
+    clip_scores,
+    clip_unavailable_reason,
+    load_clip_scorer,
+)
 from pipeline.metrics.extractors import (
     DINOV2,
     INCEPTION,
@@ -66,7 +74,8 @@ __all__ = ["MetricsConfig", "MetricsError", "Reference", "compute_metrics", "fea
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fid", "is", "pr", "kid")
+METRICS = ("fid", "is", "pr", "kid", "clip")
+INCEPTION_METRICS = ("fid", "is", "pr", "kid")  # the ones read from the extractor's features
 EXTRACTORS = (INCEPTION, RANDOM_EXTRACTOR)
 POOL_DIM = 2048                      # width of the '2048' feature of both extractors (= ADM's mu)
 INCEPTION_SHA256_PREFIX = INCEPTION_WEIGHTS_FILE.rsplit("-", 1)[1].split(".")[0]  # torch hub naming
@@ -90,6 +99,8 @@ class MetricsConfig:
     seed: int = 2020                           # KID subset sampling (torch-fidelity's default)
     save_cpu_ram: bool = False                 # torch-fidelity's flag: no loader workers, blockwise P/R
     cache_root: str | None = None              # cache reference features here (.npy files, never pickles)
+    clip_model: str = DEFAULT_CLIP             # "clip": CLIPModel hub id (local cache) or folder; skipped if absent
+    clip_sha256: str | None = None             # required sha256 prefix of the CLIP weights file (None: recorded only)
 
     def __post_init__(self) -> None:
         check(self.extractor in EXTRACTORS, "extractor", f"{self.extractor!r} is not one of {list(EXTRACTORS)}")
@@ -101,7 +112,7 @@ class MetricsConfig:
         bad = [m for m in self.metrics if m not in METRICS]
         check(not bad, "metrics", f"unknown {bad}; choose from {list(METRICS)}")
         check(len(set(self.metrics)) == len(self.metrics), "metrics", f"duplicates in {list(self.metrics)}")
-        needs_ref = [m for m in self.metrics if m != "is"] + (["fd_dinov2"] if self.fd_dinov2 else [])
+        needs_ref = [m for m in self.metrics if m not in ("is", "clip")] + (["fd_dinov2"] if self.fd_dinov2 else [])
         check(self.reference is not None or not needs_ref, "reference",
               f"{needs_ref} need a reference (.npz or image folder); set reference= or metrics=('is',)")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -112,6 +123,8 @@ class MetricsConfig:
         check(self.kid_subsets >= 1, "kid_subsets", f"must be >= 1, got {self.kid_subsets}")
         check(self.kid_subset_size >= 2, "kid_subset_size", f"must be >= 2, got {self.kid_subset_size}")
         check(self.fid_method in ("sqrtm", "eigh"), "fid_method", f"{self.fid_method!r} is not 'sqrtm' or 'eigh'")
+        check(self.clip_sha256 is None or re.fullmatch(r"[0-9a-fA-F]{8,64}", self.clip_sha256) is not None,
+              "clip_sha256", f"must be 8 to 64 hex digits, got {self.clip_sha256!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -178,10 +191,12 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray, method: str, eps: float)
 
 @dataclass(frozen=True)
 class Preflight:
-    """What ``preflight`` checked: the weights file (sha256 verified) and the loaded reference."""
+    """What ``preflight`` checked: the weights file (sha256 verified), the loaded reference, and why
+    the CLIP score cannot run (None: it can, or was not asked for)."""
     weights: Path | None
     weights_sha256: str | None
     reference: Reference | None
+    clip_unavailable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -194,19 +209,22 @@ class _Inputs:
 
 
 def compute_metrics(images: Any, cfg: MetricsConfig, *, progress: bool = False,
-                    checked: Preflight | None = None) -> dict[str, Any]:
+                    checked: Preflight | None = None, prompts: list[str] | None = None,
+                    clip_tokenizer: Any = None) -> dict[str, Any]:
     """Metrics of uint8 (N, H, W, 3) ``images`` (numpy, memmap, zarr, or a Dataset of CHW uint8 tensors).
 
     Returns a JSON-ready dict of plain floats and strings; skipped metrics are listed with the
     reason under ``"skipped"``. Raises ``MetricsError`` before any slow work when weights, the
     reference or the inputs are missing or malformed (``checked``: a ``preflight`` already done).
     ``progress`` shows a bar per feature pass. The caller reports ``summary_line(result)``.
+    ``prompts`` (one per image) enable the CLIP score; ``clip_tokenizer`` serves a ``random:`` CLIP.
     """
     t0 = time.perf_counter()
     if cfg.device == "auto":  # 50K Inception passes take ~2 h on a CPU, minutes on a GPU
         cfg = dataclasses.replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
-    inp = _prepare(images, cfg, checked or preflight(cfg))
-    active = [m for m in cfg.metrics if m not in inp.skipped]
+    checked = checked or preflight(cfg)
+    inp = _prepare(images, cfg, checked, prompts)
+    active = [m for m in cfg.metrics if m not in inp.skipped and m in INCEPTION_METRICS]
     result = _header(cfg, inp)
     if active:
         names = (["2048"] if set(active) - {"is"} else []) + (["logits_unbiased"] if "is" in active else [])
@@ -219,6 +237,12 @@ def compute_metrics(images: Any, cfg: MetricsConfig, *, progress: bool = False,
         result.update(_metrics_from_features(feats, ref_feats, ref, cfg, active))
     if cfg.fd_dinov2:
         result["fd_dinov2"] = _fd_dinov2(inp, cfg, progress)
+    if "clip" in cfg.metrics and "clip" not in inp.skipped:
+        assert prompts is not None
+        scorer = load_clip_scorer(cfg.clip_model, cfg.device, tokenizer=clip_tokenizer, sha256=cfg.clip_sha256)
+        scores = clip_scores(images if hasattr(images, "shape") else _hwc(inp.data), prompts, scorer,
+                             batch_size=cfg.batch_size, progress=progress)
+        result.update(clip_score_summary(scores), clip_weights_sha256=scorer.weights_sha256)
     result["skipped"] = dict(inp.skipped)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
@@ -238,13 +262,20 @@ def preflight(cfg: MetricsConfig, *, with_reference: bool = True) -> Preflight:
                            f"have D={POOL_DIM}")
     if cfg.fd_dinov2 and dinov2_unavailable_reason() is None:
         check_dinov2_checkpoint()
-    return Preflight(weights, sha, ref)
+    clip_why = clip_unavailable_reason(cfg.clip_model) if "clip" in cfg.metrics else None
+    return Preflight(weights, sha, ref, clip_why)
 
 
-def _prepare(images: Any, cfg: MetricsConfig, checked: Preflight) -> _Inputs:
+def _prepare(images: Any, cfg: MetricsConfig, checked: Preflight, prompts: list[str] | None = None) -> _Inputs:
     """The cheap checks on the samples (the rest is ``preflight``), so errors come before any slow work."""
     data = as_dataset(images, cfg.batch_size)
+    if prompts is not None and len(prompts) != len(data):
+        raise MetricsError(f"{len(prompts)} prompts for {len(data)} samples")
     skipped = _skip_reasons(cfg, len(data), checked.reference)
+    if "clip" in cfg.metrics:
+        why = "needs a prompt per sample (text-to-image samples)" if prompts is None else checked.clip_unavailable
+        if why:
+            skipped["clip"] = why
     for metric, reason in skipped.items():
         log.warning("skipping %s: %s", metric, reason)
     return _Inputs(data, checked.reference, checked.weights, checked.weights_sha256, skipped)
@@ -262,6 +293,7 @@ def _skip_reasons(cfg: MetricsConfig, n: int, ref: Reference | None) -> dict[str
         "pr": [(n_ref == 0, no_images),
                (min(n, n_ref) < k + 1, f"needs > prc_k={k} samples and reference images, got {n} and {n_ref}")],
         "kid": [(n_ref == 0, no_images), (min(n, n_ref) < 2, "needs >= 2 samples and reference images")],
+        "clip": [],  # prompts and weights: _prepare
     }
     out = {m: next((why for bad, why in checks[m] if bad), "") for m in cfg.metrics}
     if cfg.fd_dinov2:
@@ -284,6 +316,7 @@ def _header(cfg: MetricsConfig, inp: _Inputs) -> dict[str, Any]:
         "reference_path": ref.path if ref else None, "num_reference_images": ref.num_images if ref else 0,
         "reference_fid_stats": fid_stats, "fid_method": cfg.fid_method, "prc_k": cfg.prc_k,
         "is_splits": cfg.is_splits, "torch_fidelity": torch_fidelity.__version__,
+        **({"clip_model": cfg.clip_model} if "clip" in cfg.metrics else {}),
     }
 
 
@@ -353,7 +386,13 @@ _SUMMARY = (  # (metric, display name, result key that shows it was computed, re
     ("pr", "P/R", "precision", lambda r: f"P {r['precision']:.3f} R {r['recall']:.3f}"),
     ("kid", "KID", "kid_mean", lambda r: f"KID {r['kid_mean']:.5f} ± {r['kid_std']:.5f}"),
     ("fd_dinov2", "FD-DINOv2", "fd_dinov2", lambda r: f"FD-DINOv2 {r['fd_dinov2']:.2f}"),
+    ("clip", "CLIP score", "clip_score", lambda r: f"CLIP score {r['clip_score']:.2f}"),
 )
+
+
+def _hwc(data: Dataset) -> np.ndarray:
+    """A Dataset of uint8 CHW tensors as one (N, H, W, 3) array (the CLIP pass slices arrays)."""
+    return np.stack([np.asarray(data[i]).transpose(1, 2, 0) for i in range(len(data))])
 
 
 def summary_line(result: dict[str, Any]) -> str:
