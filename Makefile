@@ -13,7 +13,7 @@ BIN     := $(VENV)/bin
 HASTE   := $(BIN)/haste
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install test test-fast lint preprocess verify train eval import-edm2 export-edm2 demo demo-trigger bench bench-preprocess bench-train bench-eval bench-codecs bench-text bench-probe import-uvit clean
+.PHONY: help install test test-fast lint preprocess verify train eval import-edm2 export-edm2 demo demo-trigger demo-t2i bench bench-preprocess bench-train bench-eval bench-codecs bench-text bench-probe import-uvit clean
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -71,6 +71,15 @@ demo-trigger: $(STAMP)  ## the demo with the gradient-angle trigger instead of a
 	@echo "demo-trigger done. run: runs/demo-trigger/"
 	@echo "  cosine per t and mean vs step  runs/demo-trigger/probe.png   decision  runs/demo-trigger/stop.json"
 	@echo "  losses (Phase II from the fired step, dashed)  runs/demo-trigger/loss.png"
+
+demo-t2i: $(STAMP)  ## text-to-image demo on CPU: synthetic captioned images -> MM-DiT (Phase I -> II) -> eval grid by prompt
+	$(MAKE) preprocess CONFIG=configs/demo-t2i.yaml CACHE=cache-t2i
+	$(MAKE) train CONFIG=configs/demo-t2i.yaml CACHE=cache-t2i RUN=runs/demo-t2i
+	$(MAKE) eval CONFIG=configs/demo-t2i.yaml RUN=runs/demo-t2i
+	@echo ""
+	@echo "demo-t2i done. cache: cache-t2i/   run: runs/demo-t2i/"
+	@echo "  training previews (captions above)  runs/demo-t2i/samples/step-*.png    losses  runs/demo-t2i/loss.png"
+	@echo "  eval  $$(ls -d runs/demo-t2i/eval/*/ | tail -1)grid.png  (rows 1-4: seen combinations, 5-8: held out)"
 
 bench: bench-preprocess bench-train bench-eval bench-codecs bench-text bench-probe  ## every benchmark, then one report (JSON + markdown + PNG)
 	$(BIN)/python benchmarks/report.py

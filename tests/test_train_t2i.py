@@ -41,6 +41,7 @@ from pipeline.configs import ConfigError
 from trainer.conditioning import pick_captions, training_condition
 from trainer.config import load_train_config, normalise_saved_config
 from trainer.engine import step_generator
+from trainer.generate import load_model
 from trainer.loop import train
 from trainer.models.mmdit import MMDiT, MMDiTConfig
 from trainer.models.sit import ModelConfig
@@ -246,7 +247,8 @@ def test_checkpoint_records_what_eval_needs(t2i_runs, caption_cache: Path) -> No
     cache = open_cache(caption_cache, need_teacher=False, need_text=True)
     assert meta["conditioning"] == "text" and meta["config"]["model"]["arch"] == "mmdit"
     assert meta["cache"]["text"] == cache.text.key
-    assert meta["text"] == {"group": cache.text.key, "encoder": {"name": "random:tiny", "seed": "0"},
+    assert meta["text"] == {"group": cache.text.key, "encoder": "random:tiny", "seed": 0,
+                            "weights_sha256": cache.text.models["text_encoder"]["weights_sha256"],
                             "tokenizer": cache.text.identity["tokenizer"], "max_length": 8, "dim": 32,
                             "dtype": "float16", "precision": "fp32",
                             "null_sha256": cache.text.codec_files["empty_caption.npy"]["sha256"]}
@@ -256,6 +258,13 @@ def test_checkpoint_records_what_eval_needs(t2i_runs, caption_cache: Path) -> No
     assert torch.equal(load_ckpt(run, 6)["text_null"], cache.text_null())
     model = MMDiT(MMDiTConfig(**ema["model_config"]))
     model.load_state_dict(ema["ema"], strict=True)
+    # eval's reader takes both files as they are: the same net, the recorded encoder, the cached null
+    for path in (run / "checkpoints" / "ema-0000006.pt", run / "checkpoints" / "step-0000006.pt"):
+        loaded = load_model(path)
+        assert loaded.arch == "mmdit" and loaded.text.encoder == "random:tiny" and loaded.text.dtype == "float16"
+        assert loaded.text.weights_sha256 == meta["text"]["weights_sha256"]
+        assert torch.equal(loaded.text_null, cache.text_null().float())
+        assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
 
 
 @pytest.mark.slow

@@ -14,10 +14,10 @@ cache is gone:
                               ModelConfig / MMDiTConfig fields (MM-DiT: context_len, context_dim, ...)
       conditioning            "class" | "text"
       latents                 {vae: the VAE identity (name, revision/hash/seed), scale, bias, num_classes}
-      text                    text models only: {group: the text group key, encoder: the text encoder's
-                              identity (name + revision / files_sha256 / seed, as the group's manifest),
-                              tokenizer, max_length, dim, dtype (stored), precision (of the encode),
-                              null_sha256: the sha256 of the group's codec/empty_caption.npy}
+      text                    text models only: {encoder: the text encoder's name (hub id, folder or
+                              random:<preset>), seed (random:* only), weights_sha256, max_length, dim,
+                              dtype (stored), group: the text group key, tokenizer, precision (of the
+                              encode), null_sha256: the sha256 of the group's codec/empty_caption.npy}
       cache                   {latents, teacher, text}: the group keys trained on
     step-XXXXXXX.pt           + text_null (text models): the empty caption's encoding (L, D), stored dtype
     ema-XXXXXXX.pt            {ema, steps, model_config (= config.model), latents, conditioning}
@@ -121,12 +121,20 @@ def inference_meta(cache, conditioning: str) -> dict[str, Any]:
         "latents": {"vae": lat.identity["vae"], "scale": lat.spec.scale, "bias": lat.spec.bias,
                     "num_classes": len(lat.classes)}}
     if conditioning == "text":
-        t = cache.text
-        out["text"] = {"group": t.key, "encoder": t.identity.get("text_encoder"), "tokenizer": t.identity.get("tokenizer"),
-                       "max_length": t.spec.max_length, "dim": t.spec.dim, "dtype": t.spec.dtype,
-                       "precision": t.identity.get("text_precision"),
-                       "null_sha256": t.codec_files.get(NULL_FILE, {}).get("sha256")}
+        out["text"] = text_record(cache.text)
     return out
+
+
+def text_record(t) -> dict[str, Any]:
+    """The text group as eval's contract reads it (``trainer.generate.TextRecord``: encoder name, seed, shape,
+    stored dtype, weights sha256, so eval encodes prompts with the very encoder), plus the group key,
+    tokenizer, precision and the empty caption's sha256."""
+    enc = t.identity.get("text_encoder") or {}
+    return {"encoder": enc.get("name"), "seed": int(enc.get("seed", 0)),
+            "weights_sha256": t.models.get("text_encoder", {}).get("weights_sha256"),
+            "max_length": t.spec.max_length, "dim": t.spec.dim, "dtype": t.spec.dtype,
+            "group": t.key, "tokenizer": t.identity.get("tokenizer"), "precision": t.identity.get("text_precision"),
+            "null_sha256": t.codec_files.get(NULL_FILE, {}).get("sha256")}
 
 
 def step_of(path: Path) -> int:

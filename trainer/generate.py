@@ -216,7 +216,12 @@ def _text_record(path: Path, raw: Any, cfg: MMDiTConfig) -> TextRecord:
         return TextRecord(None, max_length=cfg.context_len, dim=cfg.context_dim)
     if not isinstance(raw, dict):
         raise RuntimeError(f"{path}: its 'text' record is a {type(raw).__name__}, not a mapping")
-    rec = TextRecord(encoder=raw.get("encoder", raw.get("name")), seed=int(raw.get("seed", 0)),
+    encoder, seed = raw.get("encoder", raw.get("name")), raw.get("seed", 0)
+    if isinstance(encoder, dict):  # a group identity ({name, seed, revision, ...}), as early MM-DiT runs wrote it
+        encoder, seed = encoder.get("name"), encoder.get("seed", seed)
+    if encoder is not None and not isinstance(encoder, str):
+        raise RuntimeError(f"{path}: its text record names the encoder as a {type(encoder).__name__}, not a string")
+    rec = TextRecord(encoder=encoder, seed=int(seed),
                      max_length=int(raw.get("max_length", cfg.context_len)),
                      dim=int(raw.get("dim", raw.get("hidden_size", cfg.context_dim))),
                      dtype=str(raw.get("dtype", "float32")), weights_sha256=raw.get("weights_sha256"))
