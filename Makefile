@@ -78,7 +78,7 @@ demo-t2i: $(STAMP)  ## text-to-image demo on CPU: synthetic captioned images -> 
 	$(MAKE) eval CONFIG=configs/demo-t2i.yaml RUN=runs/demo-t2i
 	@echo ""
 	@echo "demo-t2i done. cache: cache-t2i/   run: runs/demo-t2i/"
-	@echo "  training previews (captions above)  runs/demo-t2i/samples/step-*.png    losses  runs/demo-t2i/loss.png"
+	@echo "  training previews (captions listed below)  runs/demo-t2i/samples/step-*.png    losses  runs/demo-t2i/loss.png"
 	@echo "  eval  $$(ls -d runs/demo-t2i/eval/*/ | tail -1)grid.png  (rows 1-4: seen combinations, 5-8: held out)"
 
 bench: bench-preprocess bench-train bench-eval bench-codecs bench-text bench-probe  ## every benchmark, then one report (JSON + markdown + PNG)
