@@ -65,7 +65,10 @@ FEAT_CODECS = (("plain", "float32"), ("plain", "float16"), ("int8", "float16"))
 ABLATIONS = {"tokens-int8 without the fixed basis": (tokens_codec("int8", fixed_basis=False), "tokens-int8"),
              "stream-int8 without the fixed basis": (stream_codec("int8", fixed_basis=False), "stream-int8"),
              "stream-int6 (packs, not registered)": (stream_codec("int6"), None),
-             # the CUDA decode (DECODE_COMPUTE): blocks under fp16 autocast; bf16 for contrast
+             # the decode precisions (DECODE_COMPUTE): fp16 autocast on CUDA, bf16-mixed on CPUs (the main rows
+             # decode on --device); fp32 and bf16 autocast for contrast
+             "stream-int10 computed in fp32": (stream_codec("int10", compute="fp32"), "stream-int10"),
+             "stream-int10 computed in bf16-mixed (CPU)": (stream_codec("int10", compute="bf16-mixed"), "stream-int10"),
              "stream-int10 computed in fp16 (CUDA)": (stream_codec("int10", compute="fp16"), "stream-int10"),
              "stream-int10 computed in bf16": (stream_codec("int10", compute="bf16"), "stream-int10")}
 SHARPNESS = fidelity.SHARPNESS

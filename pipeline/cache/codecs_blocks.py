@@ -12,6 +12,12 @@ stacked over the stored blocks (``BLOCK_ARRAYS``, block axis first) plus the fin
 (``NORM_ARRAYS``); ``pipeline.encoders.teacher.Teacher.stream_params`` extracts them from a timm
 model and checks this module against the model's own forward.
 
+``low`` (optional) runs the GEMMs off the logit path, the attention output projection and the MLP
+(3/4 of a block's multiply-adds), in a lower precision (bf16 on CPUs, where it is ~4x faster): their
+rounding reaches the later blocks' logits only through the residual stream, while the qkv GEMM and
+q kᵀ, which make the logits, stay in the weights' dtype (bench_codecs measured the split: bf16 q/k
+take the stress cases below the bar, bf16 projections and MLPs keep them above it).
+
 Attention runs explicitly where its logits are targets (a block in ``logits_at``), so the
 logits are the very ones the block softmaxes, and through ``scaled_dot_product_attention``
 elsewhere. Logits are computed over all tokens (the prefix tokens take part in every block),
@@ -81,15 +87,31 @@ def _attention(h: Tensor, p: Mapping[str, Tensor], i: int, num_heads: int, scale
     return (logits.softmax(-1) @ v).transpose(1, 2).reshape(n, s, d), logits
 
 
+LOW_GEMMS = ("attn_proj", "mlp_fc1", "mlp_fc2")  # the GEMMs ``low`` may run in a lower precision
+
+
+def low_precision(p: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The weights and biases of ``LOW_GEMMS`` cast to ``dtype`` (cast once, reused by every decode)."""
+    return {f"{g}_{w}": p[f"{g}_{w}"].to(dtype) for g in LOW_GEMMS for w in ("weight", "bias")}
+
+
+def _linear(x: Tensor, p: Mapping[str, Tensor], low: Mapping[str, Tensor] | None, name: str, i: int) -> Tensor:
+    if low is None:
+        return F.linear(x, p[f"{name}_weight"][i], p[f"{name}_bias"][i])
+    w = low[f"{name}_weight"][i]
+    return F.linear(x.to(w.dtype), w, low[f"{name}_bias"][i]).to(x.dtype)
+
+
 def block_forward(x: Tensor, p: Mapping[str, Tensor], i: int, *, num_heads: int, scale: float,
-                  want_logits: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Stored block i on x (N, S, D): (its output, its logits (N, H, S, S) when asked, its LN1 output)."""
+                  want_logits: bool = False, low: Mapping[str, Tensor] | None = None
+                  ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Stored block i on x (N, S, D): (its output, its logits (N, H, S, S) when asked, its LN1 output).
+    ``low``: ``low_precision(p, dtype)``, to run the projection and the MLP in that dtype."""
     h = _layer_norm(x, p["norm1_weight"][i], p["norm1_bias"][i])
     a, logits = _attention(h, p, i, num_heads, scale, want_logits)
-    x = x + p["ls1_gamma"][i] * F.linear(a, p["attn_proj_weight"][i], p["attn_proj_bias"][i])
-    m = F.gelu(F.linear(_layer_norm(x, p["norm2_weight"][i], p["norm2_bias"][i]),
-                        p["mlp_fc1_weight"][i], p["mlp_fc1_bias"][i]))
-    return x + p["ls2_gamma"][i] * F.linear(m, p["mlp_fc2_weight"][i], p["mlp_fc2_bias"][i]), logits, h
+    x = x + p["ls1_gamma"][i] * _linear(a, p, low, "attn_proj", i)
+    m = F.gelu(_linear(_layer_norm(x, p["norm2_weight"][i], p["norm2_bias"][i]), p, low, "mlp_fc1", i))
+    return x + p["ls2_gamma"][i] * _linear(m, p, low, "mlp_fc2", i), logits, h
 
 
 def final_norm(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
@@ -97,13 +119,15 @@ def final_norm(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
 
 
 def run_blocks(x: Tensor, p: Mapping[str, Tensor], *, num_heads: int, scale: float, prefix: int,
-               logits_at: Collection[int] = (), features: bool = True, keep_normed: bool = False) -> BlocksOut:
+               logits_at: Collection[int] = (), features: bool = True, keep_normed: bool = False,
+               low: Mapping[str, Tensor] | None = None) -> BlocksOut:
     """The stored blocks on the residual stream x (N, S, D) entering the first of them, in the weights'
     dtype (float32 for decoding).
 
     ``logits_at``: block positions (0 = the first stored block) whose attention logits to return,
     patch × patch (the first ``prefix`` tokens cut from both axes), in ascending order. Without
-    ``features`` the run stops at the last of those blocks' logits (the rest is not needed).
+    ``features`` the run stops at the last of those blocks' logits (the rest is not needed). ``low``:
+    see ``block_forward``.
     """
     want = sorted(set(logits_at))
     depth = p["attn_qkv_weight"].shape[0]
@@ -117,7 +141,7 @@ def run_blocks(x: Tensor, p: Mapping[str, Tensor], *, num_heads: int, scale: flo
             h = _layer_norm(x, p["norm1_weight"][i], p["norm1_bias"][i])
             lg = _attention(h, p, i, num_heads, scale, True)[1] if i in want else None
         else:
-            x, lg, h = block_forward(x, p, i, num_heads=num_heads, scale=scale, want_logits=i in want)
+            x, lg, h = block_forward(x, p, i, num_heads=num_heads, scale=scale, want_logits=i in want, low=low)
         if lg is not None:
             logits.append(lg[:, :, prefix:, prefix:])
         if keep_normed and i in want:

@@ -23,8 +23,8 @@ random blocks with LayerScale 1 sharpened ×1/×5/×20 *inside* every block; ``h
 --fidelity`` on the real teacher).
 
 Decode cost per image: ``decode_gflop`` (DINOv2-B, blocks 8-11, 256 px: 16.9 GFLOP, a third of a
-teacher forward), run under fp16 autocast on CUDA and in float32 on CPUs (``DECODE_COMPUTE``), never
-under the trainer's own autocast.
+teacher forward), run under fp16 autocast on CUDA and as ``bf16-mixed`` on CPUs (``DECODE_COMPUTE``),
+never under the trainer's own autocast.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from pipeline.cache.codecs_base import (
     unpack_bits,
     unpack_int8,
 )
-from pipeline.cache.codecs_blocks import BLOCK_ARRAYS, NORM_ARRAYS, block_flops, block_shapes, run_blocks
+from pipeline.cache.codecs_blocks import BLOCK_ARRAYS, NORM_ARRAYS, block_flops, block_shapes, low_precision, run_blocks
 from pipeline.cache.codecs_tokens import basis
 
 STREAM = "stream"
@@ -54,10 +54,13 @@ BASIS = "basis"
 INT_BITS = {"int6": 6, "int8": 8, "int10": 10, "int12": 12}
 # the registered names; int6 packs too but fails the fidelity bar (``stream_codec("int6")``: bench_codecs only)
 STREAM_PRECISIONS = ("fp16", "fp32", "int8", "int10", "int12")
-# Precision the stored blocks run in, by device. fp16 autocast (the official teacher's own precision)
-# keeps every fidelity bar (bench_codecs' "computed in fp16" rows) and is as fast as bf16 on GPUs;
-# bf16 does not keep them (stress ×20: 0.995); CPUs run fp16 matmuls ~4× slower than fp32, so fp32 there.
-DECODE_COMPUTE = {"cuda": "fp16", "cpu": "fp32"}
+# Precision the stored blocks run in, by device (bench_codecs' "computed in ..." rows measure each).
+# fp16 autocast (the official teacher's own precision) keeps every fidelity bar and is as fast as bf16
+# on GPUs; bf16 autocast does not (stress ×20: 0.995: its q kᵀ). CPUs run fp16 matmuls ~4× slower
+# than fp32 but bf16 ~4× faster, so there ``bf16-mixed``: the attention projection and the MLP in
+# bf16, the qkv GEMM and the logits in fp32 (codecs_blocks ``low``): 2x the fp32 decode, bars kept.
+DECODE_COMPUTE = {"cuda": "fp16", "cpu": "bf16-mixed"}
+COMPUTE = ("fp32", "fp16", "bf16", "bf16-mixed")
 
 
 def stream_width(dim: int, prec: str) -> int:
@@ -175,14 +178,31 @@ def decode_stream(stored: torch.Tensor, prec: str, spec: Any, params: Mapping[st
     device = stored.device
     p = {n: t.to(device=device, dtype=torch.float32) for n, t in params.items()}
     # compute (default: DECODE_COMPUTE of the device) "fp16"/"bf16": autocast semantics (matmuls in half
-    # precision; residual stream, norms and softmax in fp32), as the official teacher runs under fp16 autocast
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute or DECODE_COMPUTE.get(device.type, "fp32"))
+    # precision; residual stream, norms and softmax in fp32), as the official teacher runs under fp16 autocast;
+    # "bf16-mixed": no autocast, the projections and MLPs in bf16 (weights cast once per process)
+    compute = compute or DECODE_COMPUTE.get(device.type, "fp32")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute)
+    low = _low_weights(params, p) if compute == "bf16-mixed" else None
     with torch.no_grad(), torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
         out = run_blocks(load_stream(stored, prec, p), p, num_heads=spec.num_heads, scale=spec.scale,
-                         prefix=spec.num_prefix_tokens, logits_at=at, features=features)
+                         prefix=spec.num_prefix_tokens, logits_at=at, features=features, low=low)
     logits = None
     if at:
         order = sorted(set(at))  # run_blocks returns each block once, ascending; restore the asked order
         logits = out.logits if at == order else out.logits[:, [order.index(a) for a in at]]
         logits = logits.float()  # fp16 under the CUDA decode: the loss math is fp32
     return (out.feat.float() if out.feat is not None else None), logits
+
+
+_LOW: dict[int, tuple[Mapping[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+
+
+def _low_weights(params: Mapping[str, torch.Tensor], p: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """bf16 copies of the low-precision GEMMs' weights, made once per params mapping (the reader keeps one
+    per group and device): casting ~90 MB every step would cost a tenth of the decode."""
+    hit = _LOW.get(id(params))
+    if hit is None or hit[0] is not params:  # the mapping itself is kept, so its id cannot be reused meanwhile
+        if len(_LOW) >= 8:
+            _LOW.pop(next(iter(_LOW)))
+        hit = _LOW[id(params)] = (params, low_precision(p, torch.bfloat16))
+    return hit[1]
