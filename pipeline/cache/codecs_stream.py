@@ -46,7 +46,14 @@ from pipeline.cache.codecs_base import (
     unpack_bits,
     unpack_int8,
 )
-from pipeline.cache.codecs_blocks import BLOCK_ARRAYS, NORM_ARRAYS, block_flops, block_shapes, low_precision, run_blocks
+from pipeline.cache.codecs_blocks import (
+    BLOCK_ARRAYS,
+    NORM_ARRAYS,
+    block_flops,
+    block_shapes,
+    low_precision,
+    run_blocks,
+)
 from pipeline.cache.codecs_tokens import basis
 
 STREAM = "stream"
