@@ -81,15 +81,16 @@ demo-t2i: $(STAMP)  ## text-to-image demo on CPU: synthetic captioned images -> 
 	@echo "  training previews (captions listed below)  runs/demo-t2i/samples/step-*.png    losses  runs/demo-t2i/loss.png"
 	@echo "  eval  $$(ls -d runs/demo-t2i/eval/*/ | tail -1)grid.png  (rows 1-4: seen combinations, 5-8: held out)"
 
-bench: bench-preprocess bench-train bench-eval bench-codecs bench-text bench-probe  ## every benchmark, then one report (JSON + markdown + PNG)
+bench: bench-preprocess bench-train bench-eval bench-codecs bench-text  ## every benchmark, then one report (JSON + markdown + PNG)
 	$(BIN)/python benchmarks/report.py
 
 bench-preprocess: $(STAMP)  ## preprocess images/s vs bare model compute
 	$(BIN)/python benchmarks/bench_preprocess.py $(ARGS)
 
-bench-train: $(STAMP)  ## step time: cached Phase I / Phase II vs denoise-only vs official online teacher (SiT-B/2, MM-DiT)
+bench-train: $(STAMP)  ## step time: cached Phase I / Phase II vs denoise-only vs official online teacher (SiT-B/2, MM-DiT); probe share
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
 	$(BIN)/python benchmarks/bench_train.py --model MMDiT-12/2 $(ARGS)
+	$(BIN)/python benchmarks/bench_probe.py   # the trigger's probe: its share of training time (bench-probe)
 
 bench-eval: $(STAMP)  ## sampling images/s (NFE stated) vs the official batch RNG; feature extraction images/s
 	$(BIN)/python benchmarks/bench_eval.py $(ARGS)

@@ -245,8 +245,9 @@ def loader_vs_step(default: dict, decode: dict, args) -> dict:
         "xl2_step_s_per_img_cpu_est": round(xl2, 3), "decode_share_b2_cpu": round(dec / (dec + b2), 3),
         "decode_share_xl2_cpu_est": round(dec / (dec + xl2), 3),
         "decode_over_xl2_step_flops": round(decode["decode_gflop"] / XL2_STEP_GFLOP, 4),
-        "note": "CPU: the decode runs in fp32, the step in bf16 (AMX), so the CPU share overstates a GPU's, "
-                "where the decode runs TF32 tensor-core GEMMs; XL/2 CPU step = measured B/2 step x "
+        "note": "CPU: the decode runs as bf16-mixed (q, k and logits in fp32), the step in bf16 (AMX), so the "
+                "CPU share overstates a GPU's, where the decode runs under fp16 autocast; XL/2 CPU step = measured "
+                "B/2 step x "
                 f"{XL2_OVER_B2_FLOPS:.2f} (forward FLOP ratio)"}
     return out
 
