@@ -106,4 +106,4 @@ bench-probe: $(STAMP)  ## the termination probe's share of training time at the 
 	$(BIN)/python benchmarks/bench_probe.py $(ARGS)
 
 clean:  ## remove the demo cache and runs (not .venv)
-	rm -rf $(CACHE) runs benchmarks/results
+	rm -rf $(CACHE) cache-t2i runs benchmarks/results

@@ -54,6 +54,8 @@ from benchmarks.common import (  # noqa: E402
     write,
 )
 from benchmarks.official_emulation import explicit_teacher_attention, official_step_fn  # noqa: E402
+from pipeline.cache.codecs_blocks import LOW_GEMMS  # noqa: E402
+from pipeline.cache.codecs_stream import DECODE_COMPUTE  # noqa: E402
 from pipeline.cache.loader import CacheStream  # noqa: E402
 from pipeline.cache.reader import open_cache  # noqa: E402
 from pipeline.cache.schema import get_codec  # noqa: E402
@@ -141,7 +143,8 @@ class Variant:
 
 def trainer(args, cache_root: Path, z_dim: int = 768) -> Trainer:
     over = (*overrides(args), f"model.z_dim={z_dim}", f"global_batch_size={args.batch}",
-            f"precision={args.precision}", f"device={args.device}", f"data.cache={cache_root}", "data.num_workers=0")
+            f"precision={args.precision}", f"device={args.device}", f"data.cache={cache_root}", "data.num_workers=0",
+            f"data.teacher_decode={args.teacher_decode}")
     if z_dim == 0:  # a plain SiT: no projector, so no feature loss either
         over = (*over, "align.feat_weight=0", "align.attn_weight=0")
     cfg = load_train_config(None, over)
@@ -158,8 +161,12 @@ def our_variant(args, tr: Trainer, cache, batch, phase: Phase) -> Variant:
     spec = cache.teacher.spec if phase.needs_attention else None
     codec_bytes = 0
     if spec is not None:  # the codec's group arrays (tokens-*: the q/k projections), kept on the device
+        arrays = get_codec(spec.codec).params(spec)
         codec_bytes = sum(torch.empty((), dtype=getattr(torch, dt)).element_size() * int(torch.Size(shape).numel())
-                          for dt, shape in get_codec(spec.codec).params(spec).values())
+                          for dt, shape in arrays.values())
+        if decode_compute(args) == "bf16-mixed" and get_codec(spec.codec).derives_features:  # + the bf16 copies
+            codec_bytes += sum(2 * int(torch.Size(arrays[f"{g}_{w}"][1]).numel())
+                               for g in LOW_GEMMS for w in ("weight", "bias"))
 
     def step() -> None:
         set_phase_trainable(tr.model, phase)  # a no-op unless the other phase's variant shares the model
@@ -167,6 +174,11 @@ def our_variant(args, tr: Trainer, cache, batch, phase: Phase) -> Variant:
         update_ema(tr.ema, tr.model, tr.cfg.ema_decay)
 
     return Variant(step, lambda: tr.state_bytes() + codec_bytes)
+
+
+def decode_compute(args) -> str:
+    """The stream-* decode precision the trainer runs with these arguments."""
+    return DECODE_COMPUTE.get(args.device.split(":")[0], "fp32") if args.teacher_decode == "auto" else args.teacher_decode
 
 
 def step_fn(args, cache, batch, phase: Phase, z_dim: int):
@@ -236,7 +248,8 @@ def decode_fn(cache, batch, cfg, device: torch.device) -> Callable[[], None]:
     ``teacher_targets`` call makes it): what Phase I runs instead of a teacher."""
     ts = cache.teacher.spec
     idx = [ts.layers.index(layer) for layer in cfg.align.teacher_layers]
-    return lambda: cache.teacher_targets(batch, idx, device=device)
+    compute = None if cfg.data.teacher_decode == "auto" else cfg.data.teacher_decode
+    return lambda: cache.teacher_targets(batch, idx, device=device, compute=compute)
 
 
 def loader_speed(cache_root: Path, batch: int, samples: int, text: bool = False) -> dict:
@@ -326,6 +339,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--share-model", action="store_true",
                    help="one model (+EMA, optimizer) for all variants: step times are unchanged, memory ~1/3 (XL/2 on CPU)")
+    p.add_argument("--teacher-decode", default="auto", choices=["auto", "fp32", "fp16", "bf16-mixed", "bf16"],
+                   help="stream-* decode precision (data.teacher_decode; auto: fp16 on CUDA, bf16-mixed on CPUs "
+                        "with native bf16)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -354,6 +370,7 @@ def main() -> None:
         loader = loader_speed(root, args.batch, args.loader_samples, text=is_mmdit(args))
     result = {"benchmark": "train_step", "env": {**environment(device), "load_avg_at_start": load_at_start},
               "model": args.model, "batch": args.batch, "share_model": args.share_model,
+              "teacher_decode": decode_compute(args),
               "precision": args.precision, "compile": args.compile,
               "official_emulation": EMULATION_T2I if is_mmdit(args) else EMULATION,
               **summarise(secs, memory, parts), "loader": loader}

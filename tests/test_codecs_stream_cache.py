@@ -75,6 +75,13 @@ def test_trainer_decodes_both_targets_and_trains(stream_cache, tmp_path):
     torch.testing.assert_close(inp.teacher_logits, logits)
     torch.testing.assert_close(inp.teacher_feat, feat)
     assert inp.teacher_logits.shape == (4, 2, 12, 16, 16) and inp.teacher_feat.shape == (4, 16, 96)
+    # data.teacher_decode forces the decode precision through the cache reader
+    cfg32 = tiny_cfg(stream_cache, tmp_path / "run", {"align.teacher_layers": [11, 9], "align.student_blocks": [4, 6],
+                                                     "data.teacher_decode": "fp32"})
+    inp32 = prepare_inputs(batch, model, cfg32, build_phases(cfg32.align)[0], cache, torch.device("cpu"),
+                           torch.Generator().manual_seed(0))
+    feat32, logits32 = decode_stream(batch["stream"], "int8", ts, _torch(params), [3, 1], compute="fp32")
+    assert torch.equal(inp32.teacher_logits, logits32) and torch.equal(inp32.teacher_feat, feat32)
     with single_thread():
         train(tiny_cfg(stream_cache, tmp_path / "run2", {"total_steps": 3, "align.stop_step": 3, "ckpt_every": 3}))
     phase1 = [r for r in stats(tmp_path / "run2") if r["phase"] == "I"]

@@ -281,3 +281,22 @@ def test_cli_errors_are_one_line_before_sampling(export: Path, tmp_path: Path) -
         lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
         assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
         assert "Traceback" not in result.output and not (tmp_path / "e" / "samples.zarr").exists()
+
+
+def test_text_records_old_and_malformed(tmp_path: Path) -> None:
+    """Records as training writes them, as early MM-DiT runs wrote them (the group's encoder identity as a
+    mapping), and malformed ones: one RuntimeError naming the file."""
+    from trainer.generate import _text_record
+    from trainer.models.mmdit import MMDiTConfig
+
+    cfg, path = MMDiTConfig(context_len=8, context_dim=32), tmp_path / "ema-0000006.pt"
+    new = _text_record(path, {"encoder": "random:tiny", "seed": 3, "max_length": 8, "dim": 32, "dtype": "float16",
+                              "weights_sha256": "ab"}, cfg)
+    old = _text_record(path, {"encoder": {"name": "random:tiny", "seed": "3"}, "max_length": 8, "dim": 32,
+                              "dtype": "float16", "weights_sha256": "ab"}, cfg)
+    assert new == old and new.encoder == "random:tiny" and new.seed == 3
+    for bad, match in (({"encoder": "random:tiny", "seed": None}, "malformed seed"),
+                       ({"encoder": 5}, "not a string"), ({"max_length": 16}, "16x32 encodings")):
+        with pytest.raises(RuntimeError, match=match) as err:
+            _text_record(path, bad, cfg)
+        assert str(path) in str(err.value)

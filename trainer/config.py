@@ -87,6 +87,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     verify_shards: bool = True    # sha256 of each shard against its manifest when a loader worker first opens it
+    # stream-* teacher decode precision: auto = fp16 autocast on CUDA, bf16-mixed on CPUs with native bf16,
+    # else fp32 (pipeline/cache/codecs_stream.py DECODE_COMPUTE); fp32 | fp16 | bf16-mixed | bf16 to force one
+    teacher_decode: Literal["auto", "fp32", "fp16", "bf16-mixed", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")

@@ -221,10 +221,13 @@ def _text_record(path: Path, raw: Any, cfg: MMDiTConfig) -> TextRecord:
         encoder, seed = encoder.get("name"), encoder.get("seed", seed)
     if encoder is not None and not isinstance(encoder, str):
         raise RuntimeError(f"{path}: its text record names the encoder as a {type(encoder).__name__}, not a string")
-    rec = TextRecord(encoder=encoder, seed=int(seed),
-                     max_length=int(raw.get("max_length", cfg.context_len)),
-                     dim=int(raw.get("dim", raw.get("hidden_size", cfg.context_dim))),
-                     dtype=str(raw.get("dtype", "float32")), weights_sha256=raw.get("weights_sha256"))
+    try:
+        rec = TextRecord(encoder=encoder, seed=int(seed),
+                         max_length=int(raw.get("max_length", cfg.context_len)),
+                         dim=int(raw.get("dim", raw.get("hidden_size", cfg.context_dim))),
+                         dtype=str(raw.get("dtype", "float32")), weights_sha256=raw.get("weights_sha256"))
+    except (TypeError, ValueError) as e:
+        raise RuntimeError(f"{path}: its text record has a malformed seed, max_length or dim ({e})") from None
     if (rec.max_length, rec.dim) != (cfg.context_len, cfg.context_dim):
         raise RuntimeError(f"{path}: text record says {rec.max_length}x{rec.dim} encodings, the model takes "
                            f"{cfg.context_len}x{cfg.context_dim}")

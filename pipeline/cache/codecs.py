@@ -271,7 +271,7 @@ def _float(x: Any) -> torch.Tensor:
 
 def decode_targets(spec: Any, arrays: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None,
                    layer_index: Sequence[int] | None = None, *, features: bool = True,
-                   attention: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                   attention: bool = True, compute: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A batch's teacher targets from its stored members (on the decode device): features (N, T, D)
     and attention logits (N, L', H, T, T) of the layers at positions ``layer_index`` of ``spec.layers``
     (all when None, in the given order), float32; None for what was not asked for.
@@ -279,11 +279,12 @@ def decode_targets(spec: Any, arrays: Mapping[str, torch.Tensor], params: Mappin
     ``params``: the group's codec arrays on the same device, already cut to ``layer_index`` for a
     ``per_layer`` codec (``pipeline.cache.reader`` does both). Per-layer codecs decode the logits from
     their members cut to those layers and the features from ``feat`` (+ ``feat_scale``); a codec that
-    derives the features (stream-*) returns both from one decode.
+    derives the features (stream-*) returns both from one decode, in the precision ``compute``
+    (None: ``codecs_stream.DECODE_COMPUTE`` of the device; the other codecs decode in fp32).
     """
     codec = get_codec(spec.codec)
     if codec.targets is not None:
-        return codec.targets(arrays, spec, params, layer_index, features, attention)
+        return codec.targets(arrays, spec, params, layer_index, features, attention, compute)
     feat = decode_features(arrays) if features else None
     logits = None
     if attention:

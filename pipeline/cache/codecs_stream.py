@@ -61,12 +61,20 @@ BASIS = "basis"
 INT_BITS = {"int6": 6, "int8": 8, "int10": 10, "int12": 12}
 # the registered names; int6 packs too but fails the fidelity bar (``stream_codec("int6")``: bench_codecs only)
 STREAM_PRECISIONS = ("fp16", "fp32", "int8", "int10", "int12")
-# Precision the stored blocks run in, by device (bench_codecs' "computed in ..." rows measure each).
-# fp16 autocast (the official teacher's own precision) keeps every fidelity bar and is as fast as bf16
-# on GPUs; bf16 autocast does not (stress ×20: 0.995: its q kᵀ). CPUs run fp16 matmuls ~4× slower
-# than fp32 but bf16 ~4× faster, so there ``bf16-mixed``: the attention projection and the MLP in
-# bf16, the qkv GEMM and the logits in fp32 (codecs_blocks ``low``): 2x the fp32 decode, bars kept.
-DECODE_COMPUTE = {"cuda": "fp16", "cpu": "bf16-mixed"}
+
+def _native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, f, lambda: False)() for f in probes)
+
+
+# Precision the stored blocks run in, by device (bench_codecs' "computed in ..." rows measure each;
+# ``data.teacher_decode`` overrides it). fp16 autocast (the official teacher's own precision) keeps
+# every fidelity bar and is as fast as bf16 on GPUs; bf16 autocast does not (stress ×20: 0.995: its
+# q kᵀ). CPUs with native bf16 run it ~4× faster than fp32 (fp16 ~4× slower), so there
+# ``bf16-mixed``: the attention projection and the MLP in bf16, the qkv GEMM and the logits in fp32
+# (codecs_blocks ``low``): 2× the fp32 decode, bars kept. Other CPUs: fp32.
+DECODE_COMPUTE = {"cuda": "fp16", "cpu": "bf16-mixed" if _native_bf16() else "fp32"}
 COMPUTE = ("fp32", "fp16", "bf16", "bf16-mixed")
 
 
@@ -152,9 +160,9 @@ def stream_codec(prec: str, fixed_basis: bool = True, compute: str | None = None
         return out
 
     def targets(arrays: Mapping[str, torch.Tensor], spec: Any, params: Mapping[str, torch.Tensor] | None,
-                layer_index: Sequence[int] | None, features: bool, attention: bool):
+                layer_index: Sequence[int] | None, features: bool, attention: bool, decode_compute: str | None = None):
         return decode_stream(arrays[STREAM], prec, spec, params, layer_index, features=features, attention=attention,
-                             rotated=rotated, compute=compute)
+                             rotated=rotated, compute=compute or decode_compute)
 
     def decode(arrays: Mapping[str, torch.Tensor], scale: float, params: Any = None) -> torch.Tensor:
         raise CacheFormatError(f"attention codec {name!r} decodes with the teacher spec and group weights: use "
@@ -188,8 +196,10 @@ def decode_stream(stored: torch.Tensor, prec: str, spec: Any, params: Mapping[st
     # precision; residual stream, norms and softmax in fp32), as the official teacher runs under fp16 autocast;
     # "bf16-mixed": no autocast, the projections and MLPs in bf16 (weights cast once per process)
     compute = compute or DECODE_COMPUTE.get(device.type, "fp32")
+    if compute not in COMPUTE:
+        raise ValueError(f"decode precision {compute!r} is not one of {list(COMPUTE)}")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute)
-    low = _low_weights(params, p) if compute == "bf16-mixed" else None
+    low = _low_weights(params, p, device) if compute == "bf16-mixed" else None
     with torch.no_grad(), torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
         out = run_blocks(load_stream(stored, prec, p), p, num_heads=spec.num_heads, scale=spec.scale,
                          prefix=spec.num_prefix_tokens, logits_at=at, features=features, low=low)
@@ -201,15 +211,19 @@ def decode_stream(stored: torch.Tensor, prec: str, spec: Any, params: Mapping[st
     return (out.feat.float() if out.feat is not None else None), logits
 
 
-_LOW: dict[int, tuple[Mapping[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+_LOW: dict[tuple[int, str], tuple[Mapping[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+_LOW_ENTRIES = 4
 
 
-def _low_weights(params: Mapping[str, torch.Tensor], p: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """bf16 copies of the low-precision GEMMs' weights, made once per params mapping (the reader keeps one
-    per group and device): casting ~90 MB every step would cost a tenth of the decode."""
-    hit = _LOW.get(id(params))
+def _low_weights(params: Mapping[str, torch.Tensor], p: Mapping[str, torch.Tensor],
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """bf16 copies (on ``device``) of the low-precision GEMMs' weights, made once per params mapping and
+    device (the reader keeps one mapping per group and device): casting the ~85 MB of fp32 weights
+    every step would cost a tenth of the decode. 42.5 MB for DINOv2-B's blocks 8-11."""
+    key = (id(params), str(device))
+    hit = _LOW.get(key)
     if hit is None or hit[0] is not params:  # the mapping itself is kept, so its id cannot be reused meanwhile
-        if len(_LOW) >= 8:
+        while len(_LOW) >= _LOW_ENTRIES:
             _LOW.pop(next(iter(_LOW)))
-        hit = _LOW[id(params)] = (params, low_precision(p, torch.bfloat16))
+        hit = _LOW[key] = (params, low_precision(p, torch.bfloat16))
     return hit[1]

@@ -87,7 +87,8 @@ class Cache:
 
     def teacher_targets(self, batch: Mapping[str, Any], layer_index: Sequence[int] | None = None, *,
                         device: torch.device | str | None = None, features: bool = True,
-                        attention: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                        attention: bool = True, compute: str | None = None
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A loader batch's teacher targets through the group's codec: features (N, T, D) and logits
         (N, L', H, T, T) of the layers at ``layer_index``, float32 on ``device``; None where not asked.
 
@@ -103,7 +104,7 @@ class Cache:
             names |= {f.removesuffix(".npy") for f in fields(TEACHER, spec)} - set(codec.members(spec))
         arrays = {n: batch[n].to(device, non_blocking=True) if device is not None else batch[n] for n in names}
         return decode_teacher_targets(self.root, self.teacher, arrays, layer_index, features=features,
-                                      attention=attention)
+                                      attention=attention, compute=compute)
 
 
 def decode_teacher_logits(root: Path, manifest: GroupManifest, arrays: dict[str, torch.Tensor],
@@ -120,11 +121,13 @@ def decode_teacher_logits(root: Path, manifest: GroupManifest, arrays: dict[str,
 
 def decode_teacher_targets(root: Path, manifest: GroupManifest, arrays: Mapping[str, torch.Tensor],
                            layer_index: Sequence[int] | None = None, *, features: bool = True,
-                           attention: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                           attention: bool = True, compute: str | None = None
+                           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``codecs.decode_targets`` on a batch's uncut members, with the group's codec arrays."""
     codec = get_codec(manifest.spec.codec)
     params = _group_params(root, manifest, arrays, layer_index, needed=attention or codec.derives_features)
-    return decode_targets(manifest.spec, arrays, params, layer_index, features=features, attention=attention)
+    return decode_targets(manifest.spec, arrays, params, layer_index, features=features, attention=attention,
+                          compute=compute)
 
 
 def _group_params(root: Path, manifest: GroupManifest, arrays: Mapping[str, torch.Tensor],
