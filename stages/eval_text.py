@@ -109,6 +109,9 @@ def prepare_text(cfg: Any, loaded: LoadedModel, device: torch.device) -> TextSid
         if cfg.text_encoder is None:
             raise ValueError(why + "; name the encoder it was trained with in eval.text_encoder")
         log.warning("%s (eval.text_encoder chosen on purpose)", why)
+    if rec.precision and rec.precision != cfg.text_precision:
+        log.warning("the training captions were encoded in %s, the prompts are encoded in %s (eval.text_precision)",
+                    rec.precision, cfg.text_precision)
     fp16 = rec.dtype == "float16"
     if loaded.text_null is not None:
         null, null_from = loaded.text_null.to(device), "checkpoint"

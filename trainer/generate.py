@@ -86,6 +86,7 @@ class TextRecord:
     dim: int = 768
     dtype: str = "float32"             # float16: eval rounds its encodings through fp16, as training saw them
     weights_sha256: str | None = None  # the encoder's state-dict sha256 (checked against eval's encoder)
+    precision: str | None = None       # what the encode ran in at preprocess ("fp32" | "bf16"), when recorded
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,8 @@ def _text_record(path: Path, raw: Any, cfg: MMDiTConfig) -> TextRecord:
         rec = TextRecord(encoder=encoder, seed=int(seed),
                          max_length=int(raw.get("max_length", cfg.context_len)),
                          dim=int(raw.get("dim", raw.get("hidden_size", cfg.context_dim))),
-                         dtype=str(raw.get("dtype", "float32")), weights_sha256=raw.get("weights_sha256"))
+                         dtype=str(raw.get("dtype", "float32")), weights_sha256=raw.get("weights_sha256"),
+                         precision=raw.get("precision"))
     except (TypeError, ValueError) as e:
         raise RuntimeError(f"{path}: its text record has a malformed seed, max_length or dim ({e})") from None
     if (rec.max_length, rec.dim) != (cfg.context_len, cfg.context_dim):
