@@ -155,8 +155,11 @@ def run_import(cfg: ImportConfig, dry_run: bool = False) -> dict:
         return {**dry_run_report(p, ds.source, plans), "import": {**ds.identity(), **ds.locations, "vae": cfg.vae}}
     pending = [g for g in plans if not groups.is_complete(g.dir)]
     if not pending:
+        lat, tea = plans[0], (plans[1] if len(plans) > 1 else None)
+        repaired = d.is_main and groups.ensure_indexed(Path(p.out), lat.key, tea.key if tea else None,
+                                                       _index_summary(ds))
         log.info("import is complete, nothing to do: %s", ", ".join(str(g.dir) for g in plans))
-        return {"status": "up-to-date", "groups": {g.kind: str(g.dir) for g in plans}}
+        return {"status": "repaired" if repaired else "up-to-date", "groups": {g.kind: str(g.dir) for g in plans}}
     log.info("%s dataset: %d images of %dx%d, %d classes (%s)", ds.fmt, len(ds.source.items), ds.resolution,
              ds.resolution, len(ds.source.classes), ", ".join(f"{k} {v}" for k, v in ds.locations.items()))
     for g in plans:
@@ -190,6 +193,10 @@ def check_all_moments(ds: PreparedDataset, d: dist.DistInfo) -> None:
     raise_problems(sorted(problems), "checking the imported moments")
 
 
+def _index_summary(ds: PreparedDataset) -> dict:
+    return {"source": ds.source.location, "resolution": ds.resolution, "imported": ds.fmt}
+
+
 def _finish(cfg: ImportConfig, ds: PreparedDataset, plans: list[GroupPlan], pending: list[GroupPlan],
             num_shards: int) -> None:
     lat, tea = plans[0], (plans[1] if len(plans) > 1 else None)
@@ -198,8 +205,7 @@ def _finish(cfg: ImportConfig, ds: PreparedDataset, plans: list[GroupPlan], pend
     write_manifests(cfg.preprocess, ds.source, pending, model_identities(pending), num_shards,
                     extra_settings={LATENTS: imported})
     root = Path(cfg.preprocess.out)
-    groups.update_index(root, lat.key, tea.key if tea else None,
-                        {"source": ds.source.location, "resolution": ds.resolution, "imported": ds.fmt})
+    groups.update_index(root, lat.key, tea.key if tea else None, _index_summary(ds))
     open_cache(root, latents=lat.key, teacher=tea.key if tea else None, need_teacher=tea is not None)  # aligned?
     log.info("imported %d %s samples into %s", len(ds.source.items), ds.fmt, root)
 

@@ -150,8 +150,10 @@ def run_import_uvit(cfg: UViTImportConfig, dry_run: bool = False) -> dict:
                                      **({"png_check": _png_check(feats)} if pngs else {})}}
     pending = [g for g in plans if not groups.is_complete(g.dir)]
     if not pending:
+        repaired = d.is_main and groups.ensure_indexed(Path(p.out), lat.key, tea.key if tea else None,
+                                                       _index_summary(source, feats), text_key=txt.key)
         log.info("import is complete, nothing to do: %s", ", ".join(str(g.dir) for g in plans))
-        return {"status": "up-to-date", "groups": {g.kind: str(g.dir) for g in plans}}
+        return {"status": "repaired" if repaired else "up-to-date", "groups": {g.kind: str(g.dir) for g in plans}}
     if lat in pending or txt in pending:
         check_headers(feats, d)
     if tea in pending and pngs:
@@ -289,6 +291,10 @@ def _write_models(cfg: UViTImportConfig, by_kind: dict, d: dist.DistInfo) -> Non
             "name": DEFAULT_TEXT_ENCODER, **common, "output": "last_hidden_state", "stored_dtype": p.text_dtype}})
 
 
+def _index_summary(source: CaptionedSource, feats: UViTFeatures) -> dict:
+    return {"source": source.location, "resolution": feats.resolution, "imported": "uvit"}
+
+
 def _finish(cfg: UViTImportConfig, feats: UViTFeatures, source: CaptionedSource, plans: list, pending: list,
             num_shards: int) -> None:
     p = cfg.preprocess
@@ -301,8 +307,7 @@ def _finish(cfg: UViTImportConfig, feats: UViTFeatures, source: CaptionedSource,
         extra[TEXT] = text_settings(p, source, txt, num_shards, imported={**imported, "text_encoder_run": False})
     write_manifests(p, source, pending, model_identities(pending), num_shards, extra_settings=extra)
     root = Path(p.out)
-    groups.update_index(root, lat.key, tea.key if tea else None,
-                        {"source": source.location, "resolution": feats.resolution, "imported": "uvit"}, text_key=txt.key)
+    groups.update_index(root, lat.key, tea.key if tea else None, _index_summary(source, feats), text_key=txt.key)
     open_cache(root, latents=lat.key, teacher=tea.key if tea else None, need_teacher=tea is not None,
                text=txt.key)  # aligned?
     log.info("imported %d U-ViT samples into %s", feats.count, root)

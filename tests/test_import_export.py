@@ -228,6 +228,28 @@ def test_rerun_is_a_noop(edm2_import, tmp_path):
     assert all_files(root) == before
 
 
+def test_rerun_after_a_kill_before_the_index_write_records_the_groups(edm2_import, tmp_path):
+    """Complete groups that index.json misses (killed between the manifests and the index) are recorded
+    by the rerun, with nothing recomputed; the cache then opens as before."""
+    import shutil
+
+    from pipeline.cache.reader import open_cache
+
+    src, original = edm2_import
+    root = tmp_path / "copy"
+    shutil.copytree(original, root)
+    index = json.loads((root / "index.json").read_text())
+    (root / "index.json").unlink()
+    (root / ".index.json.tmp123").write_text("{")  # the interrupted write
+    shards = {p: p.stat().st_mtime_ns for p in root.glob("*/*/*.tar")}
+    assert run_import(import_cfg(src, root))["status"] == "repaired"
+    assert json.loads((root / "index.json").read_text())["runs"][-1] == index["runs"][-1]
+    assert not (root / ".index.json.tmp123").exists()
+    assert {p: p.stat().st_mtime_ns for p in root.glob("*/*/*.tar")} == shards
+    assert open_cache(root).latents.key == open_cache(original).latents.key
+    assert run_import(import_cfg(src, root))["status"] == "up-to-date"
+
+
 def test_zip_import_equals_folder_import(edm2_import, items, tmp_path):
     _, root = edm2_import
     src = write_edm2(tmp_path / "data", items, as_zip=True, shuffle_seed=7)

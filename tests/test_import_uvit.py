@@ -106,6 +106,12 @@ def test_import_with_coco_originals_round_trip(uvit, tmp_path):
     again = run_import_uvit(UViTImportConfig(src=str(uvit["feats"]), vae=VAE, images=str(uvit["split"]),
                                              preprocess=pcfg(root)))
     assert again["status"] == "up-to-date"
+    # a kill between the manifests and the index write: the rerun records the complete groups
+    index = json.loads((root / "index.json").read_text())
+    (root / "index.json").write_text(json.dumps({**index, "runs": index["runs"][:-1]}))
+    fixed = run_import_uvit(UViTImportConfig(src=str(uvit["feats"]), vae=VAE, images=str(uvit["split"]),
+                                             preprocess=pcfg(root)))
+    assert fixed["status"] == "repaired" and json.loads((root / "index.json").read_text())["runs"] == index["runs"]
 
 
 def test_hastes_pngs_are_clipped_and_refused(uvit, tmp_path):

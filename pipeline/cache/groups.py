@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from typing import Any
 
 from pipeline.cache.schema import LATENTS, SCHEMA_VERSION, TEACHER, TEXT, CacheFormatError, read_manifest
 from pipeline.cache.shards import atomic_write_json, remove_stale_temps
+
+log = logging.getLogger(__name__)
 
 INDEX = "index.json"
 
@@ -89,6 +92,19 @@ def update_index(root: Path, latents_key: str, teacher_key: str | None, summary:
                      if (r["latents"], r["teacher"], r.get("text")) != (latents_key, teacher_key, text_key)]
     index["runs"].append(run)
     atomic_write_json(Path(root) / INDEX, index)
+
+
+def ensure_indexed(root: Path, latents_key: str, teacher_key: str | None, summary: dict[str, Any],
+                   text_key: str | None = None) -> bool:
+    """Record complete groups that index.json misses (a run killed between its manifests and the index
+    write); True when it had to. Stale index temp files go too."""
+    remove_index_temps(root)
+    if is_indexed(root, latents_key, teacher_key, text_key):
+        return False
+    update_index(root, latents_key, teacher_key, summary, text_key=text_key)
+    log.info("the groups were complete but not recorded in %s (an earlier run stopped before writing it): "
+             "recorded them", Path(root) / INDEX)
+    return True
 
 
 def is_indexed(root: Path, latents_key: str, teacher_key: str | None, text_key: str | None = None) -> bool:
