@@ -353,3 +353,22 @@ def test_cuda_decode_keeps_the_bar_and_agrees_with_the_cpu_fp16_decode():
     assert m["worst"]["grad_cos_min"] > 0.999 and m["worst"]["feat_cos_err_mean"] < 1e-3
     same = fidelity.measure(cpu_logits, glogits.cpu(), cpu_feat, gfeat.cpu())
     assert same["worst"]["grad_cos_min"] > 0.999 and same["worst"]["feat_cos_err_mean"] < 1e-3
+
+
+def test_bf16_copies_are_made_once_per_params_and_device_and_bounded():
+    """The bf16 weights of bf16-mixed are cast once per (params mapping, device), reused every step,
+    never confused between mappings, and at most a few mappings are kept."""
+    from pipeline.cache import codecs_stream
+
+    params = _torch(get_codec("stream-int10").store_params(_blocks(seed=9)))
+    cpu = torch.device("cpu")
+    first = codecs_stream._low_weights(params, params, cpu)
+    assert codecs_stream._low_weights(params, params, cpu) is first
+    assert all(t.dtype == torch.bfloat16 for t in first.values())
+    other = {k: v * 2 for k, v in params.items()}
+    second = codecs_stream._low_weights(other, other, cpu)
+    assert second is not first and torch.equal(second["mlp_fc1_weight"], (params["mlp_fc1_weight"] * 2).bfloat16())
+    for _ in range(2 * codecs_stream._LOW_ENTRIES):
+        fresh = dict(params)
+        codecs_stream._low_weights(fresh, fresh, cpu)
+    assert len(codecs_stream._LOW) <= codecs_stream._LOW_ENTRIES
