@@ -44,8 +44,9 @@ from pipeline.encoders.teacher import preprocess
 from pipeline.encoders.vae import sample_latents
 from trainer.config import TrainConfig
 from trainer.engine import autocast
+from trainer.models.common import modulate, unpatchify
 from trainer.models.mmdit import MMDiT, StreamBlock
-from trainer.models.sit import SiT, modulate, unpatchify
+from trainer.models.sit import SiT
 
 
 def explicit_teacher_attention(vit: torch.nn.Module) -> list[Tensor]:

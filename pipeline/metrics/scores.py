@@ -19,7 +19,7 @@ reads the same feature dict. Usage::
     cfg = MetricsConfig(reference="VIRTUAL_imagenet256_labeled.npz", device="cuda")
     checked = preflight(cfg)                                         # weights, sha256, reference: seconds
     result = compute_metrics(zarr.open_group("samples.zarr")["images"], cfg, checked=checked)
-    print(summary_line(result))                                      # the caller reports it, once
+    line = summary_line(result)                                      # one line; the caller reports it
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch_fidelity
-from scipy import linalg
 from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorBase
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
@@ -67,6 +66,7 @@ from pipeline.metrics.extractors import (
     inception_weights_path,
 )
 from pipeline.metrics.feature_cache import cached_features
+from pipeline.metrics.frechet import feature_stats, frechet_distance
 from pipeline.metrics.reference import Reference, load_reference
 
 __all__ = ["MetricsConfig", "MetricsError", "Reference", "compute_metrics", "feature_stats",
@@ -125,64 +125,6 @@ class MetricsConfig:
         check(self.fid_method in ("sqrtm", "eigh"), "fid_method", f"{self.fid_method!r} is not 'sqrtm' or 'eigh'")
         check(self.clip_sha256 is None or re.fullmatch(r"[0-9a-fA-F]{8,64}", self.clip_sha256) is not None,
               "clip_sha256", f"must be 8 to 64 hex digits, got {self.clip_sha256!r}")
-
-
-# ----------------------------------------------------------------------------
-# Pure statistics
-
-
-def feature_stats(features: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) features -> float64 mean (D,) and covariance (D, D) (np.cov, rowvar=False, as ADM)."""
-    x = features.double().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise MetricsError(f"feature statistics need (N >= 2, D) features, got shape {x.shape}")
-    return x.mean(axis=0), np.cov(x, rowvar=False)
-
-
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, *,
-                     method: Literal["sqrtm", "eigh"] = "sqrtm", eps: float = 1e-6) -> float:
-    """|mu1 - mu2|² + tr(s1 + s2 - 2 (s1 s2)^½) in float64.
-
-    ``sqrtm`` follows ADM's evaluator / pytorch-fid: scipy's matrix square root of s1·s2, an eps·I
-    offset when the result is not finite, then the real part. ``eigh`` computes the same trace as
-    the eigenvalues of the symmetric PSD s1^½ s2 s1^½ (similar to s1 s2): about 10x faster at
-    D = 2048 on CPU, and free of spurious imaginary parts.
-    """
-    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
-    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
-    d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise MetricsError(f"Fréchet distance needs mu (D,) and sigma (D, D) with one D; got "
-                           f"{mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}")
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * _trace_sqrt_product(s1, s2, method, eps))
-
-
-def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray, method: str, eps: float) -> float:
-    if method == "eigh":
-        # s1 = V W Vᵀ; with B = V_r W_r^½ over the r non-zero eigenvalues, s1^½ s2 s1^½ = V_r (Bᵀ s2 B) V_rᵀ,
-        # so its non-zero eigenvalues are those of the r x r matrix Bᵀ s2 B (r = N - 1 for N < D samples).
-        # torch (float64, CPU) rather than numpy: its thread count follows torch.set_num_threads.
-        a, c = torch.from_numpy(s1), torch.from_numpy(s2)
-        w, v = torch.linalg.eigh(a)
-        keep = w > w.max().clamp(min=0.0) * len(w) * torch.finfo(torch.float64).eps
-        b = v[:, keep] * w[keep].sqrt()                             # (D, r)
-        ev = torch.linalg.eigvalsh(b.T @ c @ b)
-        return float(ev.clamp(min=0.0).sqrt().sum())               # tiny negative eigenvalues are rounding
-    if method != "sqrtm":
-        raise MetricsError(f"unknown Fréchet method {method!r}")
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        log.warning("sqrtm(sigma1 sigma2) is not finite (near-singular covariances); adding %g to the "
-                    "diagonals, as ADM's evaluator does", eps)
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        imag = float(np.abs(np.diagonal(covmean).imag).max())
-        if imag > 1e-3:  # ADM raises here; we keep the number but say it is numerically shaky
-            log.warning("sqrtm has an imaginary diagonal component of %.3g; taking the real part", imag)
-        covmean = covmean.real
-    return float(np.trace(covmean))
 
 
 # ----------------------------------------------------------------------------

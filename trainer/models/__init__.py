@@ -1,7 +1,8 @@
 """The networks, one file each, DiT-style, with the official state-dict keys.
 
-    sit             SiT (class-conditional): ``SiT``, ``ModelConfig``, ``SIT_PRESETS``, ``ModelOut``
-                    and the helpers both networks share (embedders, sin-cos table, projector)
+    common          what both networks share: config base, ``ModelOut``, embedders, final layer,
+                    sin-cos table, projector, forward checks
+    sit             SiT (class-conditional): ``SiT``, ``ModelConfig``, ``SIT_PRESETS``
     mmdit           MM-DiT (text-conditional, SD3 joint attention): ``MMDiT``, ``MMDiTConfig``,
                     ``MMDIT_PRESETS``, ``official_mmdit_config`` (an official T2I checkpoint's args)
     archs           the table the trainer builds from: ``model.arch`` -> config class, presets, module,

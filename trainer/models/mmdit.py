@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor
 
-from trainer.models.sit import (
+from trainer.models.common import (
     FinalLayer,
     ModelOut,
     PatchEmbed,
