@@ -56,3 +56,25 @@ def restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and convs run several times faster on one intra-op thread than on two (far more on a
+    busy box); modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_loss_plot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss plot is tested in test_trainer.py; elsewhere it would only cost time at small log_every."""
+    import trainer.preview
+
+    monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)

@@ -21,7 +21,6 @@ from trainutil import (
     load_ckpt,
     loss_records,
     overrides,
-    single_thread,
     tiny_cfg,
 )
 
@@ -33,17 +32,7 @@ from trainer import checkpoint
 from trainer.loop import TrainingError, train
 from trainer.models.sit import ModelConfig, SiT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _no_loss_plot(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loss plot is tested in test_trainer.py; here it would only cost time at log_every=1."""
-    monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_loss_plot")
 
 
 # ----------------------------------------------------------------------------------------------

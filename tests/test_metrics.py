@@ -53,13 +53,7 @@ def _features(images, names=("2048",), **kw) -> dict[str, torch.Tensor]:
                             save_cpu_ram=kw.get("save_cpu_ram", True))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convs run far faster on one intra-op thread, especially on a busy box (as tests/trainutil.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

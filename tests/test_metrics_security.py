@@ -47,13 +47,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     return msg
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convs run far faster on one intra-op thread on a busy box (as tests/test_metrics.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainutil import load_ckpt, single_thread, stats, tiny_cfg
+from trainutil import load_ckpt, stats, tiny_cfg
 
 import trainer.engine
 from pipeline.cache.reader import CacheMismatchError
@@ -21,10 +21,7 @@ from trainer.stop import StepStop
 # Pure phase logic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("tau", [1, 3, 250_000])

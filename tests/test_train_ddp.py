@@ -22,7 +22,6 @@ from trainutil import (
     load_ckpt,
     loss_records,
     overrides,
-    single_thread,
     tiny_cfg,
 )
 
@@ -35,10 +34,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 COMMON = {"total_steps": 4, "align.stop_step": 2, "ckpt_every": 4, "log_every": 2, "global_batch_size": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from trainutil import Killed, ckpt_steps, kill_at, loss_records, overrides, single_thread, stats, tiny_cfg
+from trainutil import Killed, ckpt_steps, kill_at, loss_records, overrides, stats, tiny_cfg
 
 import trainer.checkpoint
 import trainer.preview
@@ -29,11 +29,7 @@ from trainer.checkpoint import DiskFullError, TrainingError
 from trainer.loop import train
 from trainer.runlog import StatsWriter
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(*args: str):

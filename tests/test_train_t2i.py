@@ -26,7 +26,6 @@ from trainutil import (
     load_ckpt,
     loss_records,
     overrides,
-    single_thread,
     tiny_t2i_cfg,
 )
 
@@ -46,16 +45,7 @@ from trainer.loop import train
 from trainer.models.mmdit import MMDiT, MMDiTConfig
 from trainer.models.sit import ModelConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _no_loss_plot(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_loss_plot")
 
 
 def cached_captions(cache_root: Path) -> dict[str, tuple[list[str], np.ndarray]]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from trainutil import ckpt_steps, copy_cache, load_ckpt, overrides, single_thread, stats, tiny_cfg
+from trainutil import ckpt_steps, copy_cache, load_ckpt, overrides, stats, tiny_cfg
 
 import pipeline.cache.loader
 import pipeline.dist
@@ -29,11 +29,7 @@ from stages.cli import main as cli
 from trainer.loop import TrainingError, train
 from trainer.models.sit import ModelConfig, SiT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(*args: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from trainutil import TINY, overrides, single_thread
+from trainutil import TINY, overrides
 
 import trainer.probe
 from pipeline.cache.loader import CacheStream
@@ -36,10 +36,7 @@ NO_STOP_STEP = {k: v for k, v in TINY.items() if k != "align.stop_step"}
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trigger_cfg(cache: Path | str, run_dir: Path | str, stop: dict, changes: dict | None = None):

@@ -23,7 +23,6 @@ from trainutil import (
     load_ckpt,
     loss_records,
     overrides,
-    single_thread,
     tiny_cfg,
 )
 
@@ -38,15 +37,7 @@ FIRES = {"trigger": "grad-angle", "start": 2, "every": 2, "samples": 8, "batch_s
 NEVER = {**FIRES, "start": 1, "every": 1, "threshold": -1.0}   # mean < -1 is impossible: probes, no decision
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _no_loss_plot(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trainer.preview, "loss_plot", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_loss_plot")
 
 
 def _same_training(a: Path, b: Path, step: int) -> None:
