@@ -248,8 +248,7 @@ def decode_fn(cache, batch, cfg, device: torch.device) -> Callable[[], None]:
     ``teacher_targets`` call makes it): what Phase I runs instead of a teacher."""
     ts = cache.teacher.spec
     idx = [ts.layers.index(layer) for layer in cfg.align.teacher_layers]
-    compute = None if cfg.data.teacher_decode == "auto" else cfg.data.teacher_decode
-    return lambda: cache.teacher_targets(batch, idx, device=device, compute=compute)
+    return lambda: cache.teacher_targets(batch, idx, device=device, compute=cfg.data.decode_compute)
 
 
 def loader_speed(cache_root: Path, batch: int, samples: int, text: bool = False) -> dict:

@@ -94,6 +94,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
 
+    @property
+    def decode_compute(self) -> str | None:
+        """``teacher_decode`` as the cache reader takes it: None = the device's default."""
+        return None if self.teacher_decode == "auto" else self.teacher_decode
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:

@@ -210,9 +210,8 @@ def teacher_targets(batch: dict, cfg: TrainConfig, phase: Phase, cache,
         # aligned layers; the cache copies the members to the device and selects layers there.
         ts = cache.teacher.spec
         idx = [ts.layers.index(layer) for layer in cfg.align.teacher_layers] if phase.needs_attention else None
-        compute = None if cfg.data.teacher_decode == "auto" else cfg.data.teacher_decode
         feat, logits = cache.teacher_targets(batch, idx, device=device, features=phase.needs_features,
-                                             attention=phase.needs_attention, compute=compute)
+                                             attention=phase.needs_attention, compute=cfg.data.decode_compute)
     return feat, logits
 
 
